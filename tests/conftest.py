@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models (no download) and a small hand-made dataset."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from dataset import Dataset, Record
+from models import tiny_model
+
+QUESTIONS = [
+    Record("q1", ["what is the capital of france?", "which city is france's capital?", "france's capital is?"], ["Paris"]),
+    Record("q2", ["who wrote hamlet?", "hamlet was written by whom?", "the author of hamlet is?"], ["Shakespeare"]),
+    Record("q3", ["where is the eiffel tower?", "the eiffel tower stands in which city?", "eiffel tower location?"], ["Paris"]),
+]
+FEW_SHOT = [("what color is the sky?", "blue"), ("how many legs does a cat have?", "four")]
+
+
+@functools.lru_cache(maxsize=None)
+def cached_tiny(family: str):
+    return tiny_model(family)
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny(request):
+    """(model, tokenizer) of each family: Llama adds a BOS, Qwen2 does not; both use GQA."""
+    return cached_tiny(request.param)
+
+
+@pytest.fixture
+def llama():
+    return cached_tiny("llama")
+
+
+@pytest.fixture
+def small_dataset() -> Dataset:
+    return Dataset("test", "qa", [Record(r.uuid, list(r.paraphrases), list(r.answers)) for r in QUESTIONS], FEW_SHOT)

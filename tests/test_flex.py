@@ -1,0 +1,158 @@
+"""Attention-level fusion: isolation of paraphrases, N=1 equals plain greedy decoding, flex equals
+sdpa, cached decoding equals a full recompute, batch composition, and the mask's picture."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import cached_tiny
+from dataset import Dataset, Record
+from decoding import FUSED_SEGMENT, StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left
+from flex_attention_generate import SegmentMask, answer_fused, build_dense_mask, enable_flex, segment_mask_mod
+
+MAX_NEW = 6
+
+
+def no_stop() -> StopRule:
+    return StopRule(set(), MAX_NEW, first_line_only=False)
+
+
+def prefill(model, rows, backend="sdpa", biases=None):
+    """Run the fused layout once; return (cache, last logits, padded ids)."""
+    ids, pos, seg = pad_left(rows, 0, model.device)
+    mask = SegmentMask(seg, MAX_NEW, backend, biases)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, position_ids=pos, cache=cache, **mask.prefill()).logits
+    return cache, logits, ids
+
+
+def test_each_paraphrase_is_encoded_as_if_alone(tiny, small_dataset):
+    """K/V of every paraphrase segment after the fused prefill equal those of prefix + that paraphrase
+    run alone (aligned positions), for a padded batch of two questions."""
+    model, tokenizer = tiny
+    records = small_dataset.records[:2]
+    parts = [small_dataset.prompt_parts(r, 3) for r in records]
+    rows = [fused_row(tokenizer, p) for p in parts]
+    cache, _, ids = prefill(model, rows)
+    width = ids.shape[1]
+    for b, p in enumerate(parts):
+        prefix, segments, _ = encode_prompt(tokenizer, p.prefix, p.segments, p.suffix)
+        start = width - len(rows[b].input_ids) + len(prefix)  # left padding shifts the row
+        for seg in segments:
+            alone = DynamicCache(config=model.config)
+            with torch.inference_mode():
+                model(input_ids=torch.tensor([prefix + seg]), cache=alone)
+            for layer, ref in zip(cache.layers, alone.layers):
+                got_k = layer.keys[b, :, start:start + len(seg)]
+                got_v = layer.values[b, :, start:start + len(seg)]
+                assert (got_k - ref.keys[0, :, len(prefix):]).abs().max() <= 1e-5
+                assert (got_v - ref.values[0, :, len(prefix):]).abs().max() <= 1e-5
+            start += len(seg)
+
+
+def test_one_paraphrase_equals_plain_greedy_decoding(tiny, small_dataset):
+    model, tokenizer = tiny
+    record = small_dataset.records[0]
+    out = answer_fused(model, tokenizer, small_dataset, [record], 1, no_stop())[0]
+    row = fused_row(tokenizer, small_dataset.prompt_parts(record, 1))
+    ids = torch.tensor([row.input_ids])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    assert out["generation"] == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("bias", ["none", "uniform"])
+def test_flex_and_sdpa_agree(small_dataset, bias):
+    """The same mask rendered as a BlockMask (FlexAttention) and as a dense SDPA mask."""
+    for family in ("llama", "qwen2"):
+        sdpa_model, tokenizer = cached_tiny(family)
+        flex_model, _ = cached_tiny(family)
+        rows = [fused_row(tokenizer, small_dataset.prompt_parts(r, 3)) for r in small_dataset.records]
+        biases = torch.full((3, 3), -math.log(3)) if bias == "uniform" else None
+        _, dense_logits, _ = prefill(sdpa_model, rows, "sdpa", biases)
+        enable_flex(flex_model, compile=False)
+        try:
+            _, flex_logits, _ = prefill(flex_model, rows, "flex", biases)
+            flex_out = answer_fused(flex_model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
+                                    backend="flex", fusion_bias=bias)
+        finally:
+            flex_model.set_attn_implementation("sdpa")
+        sdpa_out = answer_fused(sdpa_model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
+                                backend="sdpa", fusion_bias=bias)
+        assert (flex_logits - dense_logits).abs().max() <= 1e-4
+        assert [r["generation"] for r in flex_out] == [r["generation"] for r in sdpa_out]
+
+
+@pytest.mark.parametrize("positions", ["aligned", "continuous"])
+def test_cached_decoding_equals_full_recompute(tiny, small_dataset, positions):
+    """Each step re-run on the whole sequence with the mask extended to the generated tokens."""
+    model, tokenizer = tiny
+    record = small_dataset.records[1]
+    row = fused_row(tokenizer, small_dataset.prompt_parts(record, 3), positions)
+    cached, _ = decode(model, tokenizer, [row], 1, greedy, no_stop(), SegmentMask, {"backend": "sdpa"})
+    generated: list[int] = []
+    next_pos = max(row.position_ids) + 1
+    for _ in range(MAX_NEW):
+        ids = torch.tensor([row.input_ids + generated])
+        pos = torch.tensor([row.position_ids + list(range(next_pos, next_pos + len(generated)))])
+        seg = torch.tensor([row.segment_ids + [FUSED_SEGMENT] * len(generated)])
+        mask = SegmentMask(seg, 0, "sdpa")
+        with torch.inference_mode():
+            logits = model(input_ids=ids, position_ids=pos, **mask.prefill()).logits[0, -1]
+        generated.append(logits.argmax().item())
+    assert cached[0] == generated
+
+
+def test_batch_composition_changes_nothing(tiny, small_dataset):
+    model, tokenizer = tiny
+    records = small_dataset.records
+    for bias in ("none", "uniform"):
+        together = answer_fused(model, tokenizer, small_dataset, records, 3, no_stop(), fusion_bias=bias)
+        alone = [answer_fused(model, tokenizer, small_dataset, [r], 3, no_stop(), fusion_bias=bias)[0] for r in records]
+        assert [r["generation"] for r in together] == [r["generation"] for r in alone]
+
+
+def test_qwen3_runs_with_isolation():
+    """Qwen3 (q/k norms) through the same hooks: N=1 equals the plain prompt's greedy tokens."""
+    model, tokenizer = cached_tiny("qwen3")
+    ds = Dataset("t", "qa", [Record("a", ["who is there?"], ["me"])], [])
+    out = answer_fused(model, tokenizer, ds, ds.records, 1, no_stop())[0]
+    row = fused_row(tokenizer, ds.prompt_parts(ds.records[0], 1))
+    ids = torch.tensor([row.input_ids])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    assert out["generation"] == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# The picture: one pad, prefix P (2 tokens), paraphrases 1 (2), 2 (3) and 3 (2), fused suffix S (2).
+# Row = query, column = key; '#' may attend. Written by hand from the rules, not by the code.
+PICTURE = """
+#...........
+.#..........
+.##.........
+.###........
+.####.......
+.##..#......
+.##..##.....
+.##..###....
+.##.....#...
+.##.....##..
+.##########.
+.###########
+"""
+
+
+def test_mask_picture_matches_the_block_pattern():
+    row = build_row([7, 7], [[7, 7], [7, 7, 7], [7, 7]], [7, 7])
+    longer = build_row([7] * 3, [[7, 7], [7, 7, 7], [7, 7]], [7, 7])
+    ids, pos, seg = pad_left([row, longer], 0, torch.device("cpu"))
+    dense = build_dense_mask(segment_mask_mod(seg, torch.tensor(0)), 2, 12, 12, "cpu", torch.float32)
+    drawn = "\n".join("".join("#" if v == 0 else "." for v in r) for r in dense[0, 0].tolist())
+    assert drawn == PICTURE.strip()
+    assert pos[0].tolist() == [0, 0, 1, 2, 3, 2, 3, 4, 2, 3, 5, 6]  # aligned: every paraphrase starts at 2
+    continuous = build_row([7, 7], [[7, 7], [7, 7, 7], [7, 7]], [7, 7], "continuous")
+    assert continuous.position_ids == list(range(11))

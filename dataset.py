@@ -109,9 +109,16 @@ def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl") -> Dataset:
 
 # ---------------------------------------------------------------- WebQuestions
 
+def downloaded(name: str) -> Path | None:
+    """The copy download_resources.sh saved, if any: used before asking the hub."""
+    folder = CACHE_DIR / "datasets" / name
+    return folder if folder.is_dir() else None
+
+
 def read_webquestions(data_file: Path | None) -> list[dict]:
     """[{question, answers}] from a local JSON (../shared/data/webquestions layout), a `save_to_disk` folder,
     or the hub (stanfordnlp/web_questions, test split)."""
+    data_file = data_file or downloaded("webqa")
     if data_file is not None:
         if data_file.is_dir():
             from datasets import load_from_disk
@@ -148,6 +155,7 @@ def load_webqa(data_file: Path | None, num_paraphrases: int, paraphraser=None, l
 # ---------------------------------------------------------------- MyriadLAMA
 
 def read_myriadlama(data_file: Path | None) -> list[dict]:
+    data_file = data_file or downloaded("myriadlama")
     if data_file is not None:
         if data_file.is_dir():
             from datasets import load_from_disk

@@ -152,7 +152,10 @@ def enable_flex(model, compile: bool) -> str:
         raise InputError(f"--attn flex: this torch ({torch.__version__}) has no FlexAttention ({err}); "
                          f"upgrade torch to 2.5+ or choose --attn sdpa") from None
     from transformers import AttentionInterface
-    _flex_fn = torch.compile(flex_attention, dynamic=True) if compile else flex_attention
+    if compile and model.device.type != "cuda":
+        raise InputError("--compile on: compiled FlexAttention fails on CPU with growing decode shapes (an inductor "
+                         "C++ error in torch 2.13); use --compile off (eager flex) or --attn sdpa")
+    _flex_fn = torch.compile(flex_attention) if compile else flex_attention
     AttentionInterface.register(FLEX_ATTENTION, fused_flex_attention)
     model.set_attn_implementation(FLEX_ATTENTION)
     return f"flex ({'compiled' if compile else 'eager'})"
@@ -190,6 +193,12 @@ def answer_fused(model, tokenizer, dataset: Dataset, batch: list[Record], n: int
     return out
 
 
+def output_name(n: int, positions: str, fusion_bias: str) -> str:
+    """flex_attention-<N>.feather for the defaults; other variants named, so they sit side by side."""
+    variant = "".join(f"-{v}" for v, default in ((positions, "aligned"), (fusion_bias, "none")) if v != default)
+    return f"flex_attention-{n}{variant}.feather"
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     p = common_parser(__doc__.split("\n\n")[0])
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             weights = {u: normalised_weights(c)[0] for u, c in conf.items()}
         return answer_fused(model, tokenizer, dataset, batch, n, stop, args.positions, backend, args.fusion_bias, weights)
 
-    run_job(args, dataset, out_dir / f"flex_attention-{n}.feather", answer_batch)
+    run_job(args, dataset, out_dir / output_name(n, args.positions, args.fusion_bias), answer_batch)
     return 0
 
 

@@ -42,6 +42,21 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
+def check_settings(path: Path, settings: dict, write: bool = True) -> None:
+    """A table is only resumed with the settings that made it: they are kept beside it."""
+    from constants import InputError
+    sidecar = path.with_suffix(".settings.json")
+    if sidecar.exists():
+        kept = json.loads(sidecar.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(kept) | set(settings) if kept.get(k) != settings.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {kept.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise InputError(f"{path} was made with other settings ({diff}); use another --output-dir or delete it")
+    elif write:
+        text = json.dumps(settings, indent=1, sort_keys=True, default=str)
+        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 class ResultWriter:
     """Appends finished questions of one rank; `finish` merges every rank's rows into the table."""
 

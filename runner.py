@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from constants import DATASETS, DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, InputError
 from dataset import Dataset, Record, load_dataset_by_name
-from results import ResultWriter
+from results import ResultWriter, check_settings
 
 log = logging.getLogger("self_ensemble")
 
@@ -79,11 +79,18 @@ def check_prompts(model, dataset: Dataset, rows_of: Callable[[Record], list], ma
         check_context(model, rows_of(record), max_new_tokens, record.uuid)
 
 
+def output_settings(args) -> dict:
+    """The flags that change what a table holds (not batch size, device or where it goes)."""
+    ignored = {"batch_size", "no_progress", "output_dir", "device", "device_map", "limit", "attn", "compile"}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ignored}
+
+
 def run_job(args, dataset: Dataset, path: Path, answer_batch: Callable[[list[Record]], list[dict]]):
     """Answer every question not already in `path`, `args.batch_size` at a time, on this process's
     shard; rank 0 merges all shards into the final table. Returns the table (rank 0) or None."""
     state = process_state()
     torch.manual_seed(args.seed)
+    check_settings(path, output_settings(args), write=state.is_main_process)
     writer = ResultWriter(path, state.process_index)
     done = writer.done_uuids()
     shard = dataset.records[state.process_index::state.num_processes]

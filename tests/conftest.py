@@ -35,3 +35,12 @@ def llama():
 @pytest.fixture
 def small_dataset() -> Dataset:
     return Dataset("test", "qa", [Record(r.uuid, list(r.paraphrases), list(r.answers)) for r in QUESTIONS], FEW_SHOT)
+
+
+def generate_reference(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy decoding of one prompt, stopping only at max_new_tokens."""
+    import torch
+    ids = torch.tensor([input_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import cached_tiny
+from conftest import cached_tiny, generate_reference
 from dataset import Dataset, Record
 from decoding import FUSED_SEGMENT, StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left
 from flex_attention_generate import SegmentMask, answer_fused, build_dense_mask, enable_flex, segment_mask_mod
@@ -59,30 +59,28 @@ def test_one_paraphrase_equals_plain_greedy_decoding(tiny, small_dataset):
     record = small_dataset.records[0]
     out = answer_fused(model, tokenizer, small_dataset, [record], 1, no_stop())[0]
     row = fused_row(tokenizer, small_dataset.prompt_parts(record, 1))
-    ids = torch.tensor([row.input_ids])
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    assert out["generation"] == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    ref = generate_reference(model, tokenizer, row.input_ids, MAX_NEW)
+    assert out["generation"] == tokenizer.decode(ref, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("bias", ["none", "uniform"])
 def test_flex_and_sdpa_agree(small_dataset, bias):
-    """The same mask rendered as a BlockMask (FlexAttention) and as a dense SDPA mask."""
+    """The same mask rendered as a BlockMask (FlexAttention) and as a dense SDPA mask, on one model
+    switched between the two attention functions."""
     for family in ("llama", "qwen2"):
-        sdpa_model, tokenizer = cached_tiny(family)
-        flex_model, _ = cached_tiny(family)
+        model, tokenizer = cached_tiny(family)
         rows = [fused_row(tokenizer, small_dataset.prompt_parts(r, 3)) for r in small_dataset.records]
         biases = torch.full((3, 3), -math.log(3)) if bias == "uniform" else None
-        _, dense_logits, _ = prefill(sdpa_model, rows, "sdpa", biases)
-        enable_flex(flex_model, compile=False)
+        _, dense_logits, _ = prefill(model, rows, "sdpa", biases)
+        sdpa_out = answer_fused(model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
+                                backend="sdpa", fusion_bias=bias)
+        enable_flex(model, compile=False)
         try:
-            _, flex_logits, _ = prefill(flex_model, rows, "flex", biases)
-            flex_out = answer_fused(flex_model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
+            _, flex_logits, _ = prefill(model, rows, "flex", biases)
+            flex_out = answer_fused(model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
                                     backend="flex", fusion_bias=bias)
         finally:
-            flex_model.set_attn_implementation("sdpa")
-        sdpa_out = answer_fused(sdpa_model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
-                                backend="sdpa", fusion_bias=bias)
+            model.set_attn_implementation("sdpa")
         assert (flex_logits - dense_logits).abs().max() <= 1e-4
         assert [r["generation"] for r in flex_out] == [r["generation"] for r in sdpa_out]
 
@@ -122,10 +120,8 @@ def test_qwen3_runs_with_isolation():
     ds = Dataset("t", "qa", [Record("a", ["who is there?"], ["me"])], [])
     out = answer_fused(model, tokenizer, ds, ds.records, 1, no_stop())[0]
     row = fused_row(tokenizer, ds.prompt_parts(ds.records[0], 1))
-    ids = torch.tensor([row.input_ids])
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    assert out["generation"] == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    ref = generate_reference(model, tokenizer, row.input_ids, MAX_NEW)
+    assert out["generation"] == tokenizer.decode(ref, skip_special_tokens=True)
 
 
 # The picture: one pad, prefix P (2 tokens), paraphrases 1 (2), 2 (3) and 3 (2), fused suffix S (2).

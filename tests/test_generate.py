@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from conftest import generate_reference
 from confidence import normalised_weights
 from dataset import Dataset, Record
 from decoding import StopRule, decode, greedy, single_rows
@@ -43,10 +44,7 @@ def test_per_prompt_equals_transformers_generate(tiny, small_dataset):
     rows = [row for p in parts for row in single_rows(tokenizer, p, [0, 1, 2])]
     ours, _ = decode(model, tokenizer, rows, 1, greedy, no_stop(model, tokenizer))
     for row, tokens in zip(rows, ours):
-        ids = torch.tensor([row.input_ids])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-        assert tokens == ref[0, ids.shape[1]:].tolist()
+        assert tokens == generate_reference(model, tokenizer, row.input_ids, MAX_NEW)
 
 
 def test_avg_and_max_of_copies_equal_the_single_prompt(tiny):

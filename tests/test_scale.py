@@ -75,3 +75,14 @@ def test_two_processes_merge_into_the_same_table(tmp_path):
     assert "process 1 of 2" in launched.stderr  # really two ranks, each with its shard
     pd.testing.assert_frame_equal(comparable(tmp_path / "two" / "flex_attention-3.feather"),
                                   comparable(tmp_path / "one" / "flex_attention-3.feather"))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    data = write_data(tmp_path / "data.jsonl")
+    base = command("generate.py", data, tmp_path / "out", "--method", "max", "--num_ensemble", "3", "--limit", "2")
+    subprocess.run([sys.executable, *base], cwd=REPO_DIR, check=True, capture_output=True, timeout=300)
+    before = (tmp_path / "out" / "ensemble_max-3.feather").read_bytes()
+    changed = subprocess.run([sys.executable, *base, "--max-new-tokens", "5"], cwd=REPO_DIR, capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 2 and "max_new_tokens: 40 -> 5" in changed.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "out" / "ensemble_max-3.feather").read_bytes() == before

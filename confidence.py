@@ -25,7 +25,8 @@ def sampled_agreement(model, tokenizer, dataset: Dataset, record: Record, n: int
     for i in range(n):
         answer = answer_text(tokenizer, greedy_out[i])[0]
         samples = [answer_text(tokenizer, t)[0] for t in sampled_out[i * k:(i + 1) * k]]
-        agree = sum(scoring.same_answer(s, answer) for s in samples) / k
+        # an empty greedy answer is no answer: agreeing with it earns no confidence
+        agree = sum(scoring.same_answer(s, answer) for s in samples) / k if answer else 0.0
         result.append({"uuid": record.uuid, "paraphrase_index": i, "paraphrase": record.paraphrases[i],
                        "greedy": answer, "samples": k, "confidence": agree})
     return result

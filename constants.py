@@ -74,3 +74,9 @@ WEBQA_FEW_SHOT = [
     ("who was ishmael's mom?", "Hagar"),
     ("what sport do the toronto maple leafs play?", "Ice Hockey"),
 ]
+
+
+def safe_name(name: str) -> str:
+    """A model key, HF id or folder name as one path component ("org/model" -> "org--model")."""
+    import re
+    return re.sub(r"[^\w.-]+", "--", name)

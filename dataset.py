@@ -181,7 +181,7 @@ def fact_record(uuid: str, rows: list[dict], num_templates: int) -> Record:
     random.Random(zlib.crc32(uuid.encode())).shuffle(auto)
     chosen = (manual + auto)[:num_templates]
     first = rows[0]
-    aliases = [*as_list(first.get("obj_ents")), *as_list(first.get("obj_aliases"))]
+    aliases = as_list(first.get("obj_aliases")) or as_list(first.get("obj_ents"))  # upstream: the aliases
     answers = list(dict.fromkeys(a for a in aliases if a))
     return Record(uuid, [fill_template(r["template"], first["sub_ent"]) for r in chosen], answers)
 
@@ -195,25 +195,24 @@ def as_list(value) -> list[str]:
 
 
 def load_myriadlama(data_file: Path | None, num_templates: int) -> Dataset:
-    """Grouped per fact; the test split is 2000 facts sampled with seed 42 (upstream), the few-shot
-    examples are 5 other facts (first manual template, first object name)."""
+    """Grouped per fact; the test split is upstream's: `train_test_split(test_size=2000, seed=42)` over the
+    facts in file order. The few-shot examples are the first 5 training facts (first manual template)."""
+    from datasets import Dataset as HFDataset
     facts: dict[str, list[dict]] = {}
     for i, row in enumerate(read_myriadlama(data_file)):
         missing = {"uuid", "sub_ent", "template", "is_manual"} - set(row)
         if missing:
             raise InputError(f"myriadlama row {i + 1}: missing fields {sorted(missing)}")
         facts.setdefault(str(row["uuid"]), []).append(row)
-    uuids = sorted(facts)
-    if len(uuids) <= NUM_FEW_SHOT:
-        raise InputError(f"myriadlama: only {len(uuids)} facts; need more than {NUM_FEW_SHOT}")
-    test = random.Random(MYRIADLAMA_SPLIT_SEED).sample(uuids, min(MYRIADLAMA_TEST_FACTS, len(uuids) - NUM_FEW_SHOT))
-    chosen = set(test)
+    if len(facts) <= NUM_FEW_SHOT:
+        raise InputError(f"myriadlama: only {len(facts)} facts; need more than {NUM_FEW_SHOT}")
+    split = HFDataset.from_dict({"uuid": list(facts)}).train_test_split(
+        test_size=min(MYRIADLAMA_TEST_FACTS, len(facts) - NUM_FEW_SHOT), seed=MYRIADLAMA_SPLIT_SEED)
     shots = []
-    for uuid in [u for u in uuids if u not in chosen][:NUM_FEW_SHOT]:
+    for uuid in split["train"]["uuid"][:NUM_FEW_SHOT]:
         record = fact_record(uuid, facts[uuid], 1)
-        sentence = record.paraphrases[0]
-        shots.append((sentence, record.answers[0] if record.answers else ""))
-    records = [fact_record(u, facts[u], len(facts[u])) for u in sorted(test)]
+        shots.append((record.paraphrases[0], record.answers[0] if record.answers else ""))
+    records = [fact_record(u, facts[u], len(facts[u])) for u in split["test"]["uuid"]]
     return Dataset("myriadlama", "mask", records, shots)
 
 

@@ -149,6 +149,8 @@ def decode(model, tokenizer, rows: list[Row], rows_per_question: int, choose: Ch
     stats = DecodeStats(prefill_tokens=ids.numel())
     logits = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1,
                    **mask.prefill()).logits[:, -1]
+    if cache.get_seq_length() != ids.shape[1]:  # a transformers whose forward ignores `cache=` decodes garbage
+        raise RuntimeError("the model did not fill the KV cache passed as `cache=`; use transformers>=5.24")
     num_questions = len(rows) // n
     outputs: list[list[int]] = [[] for _ in range(num_questions)]
     live = torch.arange(num_questions, device=device)

@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 
 from constants import DEFAULT_CONFIDENCE_SAMPLES, InputError
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # torch without FlexAttention: --attn sdpa still works, --attn flex says why not
+    BlockMask = None
 from dataset import Dataset, Record
-from decoding import (FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, StopRule, answer_text, decode,
+from decoding import (FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, StopRule, decode,
                       eos_ids, fused_row, greedy)
+from results import result_row
 from runner import check_prompts, common_parser, load_job, main_guard, output_dir, run_job
 
 FLEX_ATTENTION = "self_ensemble_flex"  # our name in transformers' AttentionInterface
@@ -133,14 +140,22 @@ _flex_fn = None
 def fused_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                          fusion_score_mod=None, **kwargs):
     """An AttentionInterface function: flex_attention with our BlockMask and optional score_mod."""
-    heads, kv_heads = query.shape[1], key.shape[1]
-    enable_gqa = heads != kv_heads and heads & (heads - 1) == 0
-    if heads != kv_heads and not enable_gqa:  # flex's GQA wants a power-of-two head count
-        key = key.repeat_interleave(heads // kv_heads, dim=1)
-        value = value.repeat_interleave(heads // kv_heads, dim=1)
+    if not isinstance(attention_mask, BlockMask):  # never attend without the mask the caller meant
+        raise RuntimeError(f"{FLEX_ATTENTION} needs a BlockMask as attention_mask, got {type(attention_mask).__name__}")
     out = _flex_fn(query, key, value, score_mod=fusion_score_mod, block_mask=attention_mask, scale=scaling,
-                   enable_gqa=enable_gqa)
+                   enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run a block under another attention implementation (e.g. sdpa for plain prompts), then switch back."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def enable_flex(model, compile: bool) -> str:
@@ -172,25 +187,24 @@ def resolve_backend(attn: str, device: torch.device) -> str:
 
 def answer_fused(model, tokenizer, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
                  positions: str = "aligned", backend: str = "sdpa", fusion_bias: str = "none",
-                 weights: dict[str, list[float]] | None = None) -> list[dict]:
+                 weights: dict[str, tuple[list[float], bool]] | None = None) -> list[dict]:
+    """One fused row per question; `weights` (uuid -> normalised confidences, fallback flag) for
+    --fusion-bias confidence."""
     parts = [dataset.prompt_parts(r, n) for r in batch]
     rows = [fused_row(tokenizer, p, positions) for p in parts]
     biases = None
     if fusion_bias != "none":
-        biases = torch.tensor([segment_biases(n, fusion_bias, weights and weights[r.uuid]) for r in batch],
+        biases = torch.tensor([segment_biases(n, fusion_bias, weights and weights[r.uuid][0]) for r in batch],
                               device=model.device)
     start = time.perf_counter()
     outputs, _ = decode(model, tokenizer, rows, 1, greedy, stop, SegmentMask,
                         dict(backend=backend, biases=biases, dtype=model.dtype))
     seconds = (time.perf_counter() - start) / len(batch)
-    out = []
-    for record, row, tokens in zip(batch, rows, outputs):
-        prediction, generation = answer_text(tokenizer, tokens)
-        out.append(dict(uuid=record.uuid, paraphrases=record.paraphrases[:n], prompts=[tokenizer.decode(row.input_ids)],
-                        answers=record.answers, prediction=prediction, generation=generation, seconds=seconds,
-                        new_tokens=len(tokens), method="flex_attention", num_ensemble=n, paraphrase_index=-1,
-                        positions=positions, attn_backend=backend, fusion_bias=fusion_bias))
-    return out
+    return [result_row(record, tokenizer, tokens, paraphrases=record.paraphrases[:n],
+                       prompts=[tokenizer.decode(row.input_ids)], seconds=seconds, method="flex_attention",
+                       num_ensemble=n, positions=positions, attn_backend=backend, fusion_bias=fusion_bias,
+                       **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}))
+            for record, row, tokens in zip(batch, rows, outputs)]
 
 
 def output_name(n: int, positions: str, fusion_bias: str) -> str:
@@ -228,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         weights = None
         if args.fusion_bias == "confidence":
             from confidence import confidences, normalised_weights
-            conf = confidences(model, tokenizer, dataset, batch, n, args.confidence_samples, stop,
-                               out_dir / "confidence.feather", args.seed)
-            weights = {u: normalised_weights(c)[0] for u, c in conf.items()}
+            with attention_implementation(model, "sdpa"):  # plain prompts, plain causal attention
+                conf = confidences(model, tokenizer, dataset, batch, n, args.confidence_samples, stop,
+                                   out_dir / "confidence.feather", args.seed)
+            weights = {u: normalised_weights(c) for u, c in conf.items()}
         return answer_fused(model, tokenizer, dataset, batch, n, stop, args.positions, backend, args.fusion_bias, weights)
 
     run_job(args, dataset, out_dir / output_name(n, args.positions, args.fusion_bias), answer_batch)

@@ -13,7 +13,8 @@ import torch
 from constants import DEFAULT_CONFIDENCE_SAMPLES, LOGIT_METHODS
 from confidence import confidences, normalised_weights
 from dataset import Dataset, Record
-from decoding import StopRule, answer_text, decode, eos_ids, greedy, single_rows
+from decoding import StopRule, decode, eos_ids, greedy, single_rows
+from results import result_row
 from runner import check_prompts, common_parser, load_job, main_guard, output_dir, run_job
 
 
@@ -40,16 +41,9 @@ def answer_per_prompt(model, tokenizer, dataset: Dataset, batch: list[Record], n
     start = time.perf_counter()
     outputs, _ = decode(model, tokenizer, rows, 1, greedy, stop)
     seconds = (time.perf_counter() - start) / len(rows)
-    out = []
-    for q, (record, p) in enumerate(zip(batch, parts)):
-        for j, i in enumerate(indices):
-            tokens = outputs[q * len(indices) + j]
-            prediction, generation = answer_text(tokenizer, tokens)
-            out.append(dict(uuid=record.uuid, paraphrases=[record.paraphrases[i]], prompts=[p.full(i)],
-                            answers=record.answers, prediction=prediction, generation=generation,
-                            seconds=seconds, new_tokens=len(tokens), method=method, num_ensemble=n,
-                            paraphrase_index=i))
-    return out
+    return [result_row(record, tokenizer, outputs[q * len(indices) + j], paraphrases=[record.paraphrases[i]],
+                       prompts=[p.full(i)], seconds=seconds, method=method, num_ensemble=n, paraphrase_index=i)
+            for q, (record, p) in enumerate(zip(batch, parts)) for j, i in enumerate(indices)]
 
 
 def answer_ensemble(model, tokenizer, dataset: Dataset, batch: list[Record], n: int, stop: StopRule, method: str,
@@ -66,16 +60,10 @@ def answer_ensemble(model, tokenizer, dataset: Dataset, batch: list[Record], n: 
     start = time.perf_counter()
     outputs, _ = decode(model, tokenizer, rows, n, choose, stop)
     seconds = (time.perf_counter() - start) / len(batch)
-    out = []
-    for record, p, tokens, w, fb in zip(batch, parts, outputs, weights, fallback):
-        prediction, generation = answer_text(tokenizer, tokens)
-        row = dict(uuid=record.uuid, paraphrases=record.paraphrases[:n], prompts=[p.full(i) for i in range(n)],
-                   answers=record.answers, prediction=prediction, generation=generation, seconds=seconds,
-                   new_tokens=len(tokens), method=method, num_ensemble=n, paraphrase_index=-1)
-        if conf is not None:
-            row.update(weights=list(w), weights_fallback=fb)
-        out.append(row)
-    return out
+    return [result_row(record, tokenizer, tokens, paraphrases=record.paraphrases[:n],
+                       prompts=[p.full(i) for i in range(n)], seconds=seconds, method=method, num_ensemble=n,
+                       **(dict(weights=list(w), weights_fallback=fb) if conf is not None else {}))
+            for record, p, tokens, w, fb in zip(batch, parts, outputs, weights, fallback)]
 
 
 def output_name(method: str, n: int) -> str:
@@ -91,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="K sampled answers per paraphrase for weighted methods (upstream: 100)")
     args = p.parse_args(argv)
     n = 1 if args.method == "origin" else args.num_ensemble
-    dataset, model, tokenizer = load_job(args, args.num_ensemble if args.method != "origin" else 1)
+    dataset, model, tokenizer = load_job(args, n)
     stop = StopRule(eos_ids(model, tokenizer), args.max_new_tokens)
     check_prompts(model, dataset, lambda r: single_rows(tokenizer, dataset.prompt_parts(r, n), list(range(n))),
                   args.max_new_tokens)

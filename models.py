@@ -68,7 +68,11 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process (a second rank) finished the same conversion first
+            if not (out / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

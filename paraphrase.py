@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from constants import CACHE_DIR, PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION
+from constants import CACHE_DIR, safe_name, PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION
 from dataset import Record
 from decoding import Sampler, StopRule, answer_text, build_row, decode, encode_prompt, eos_ids
 from results import atomic_write
@@ -33,7 +32,8 @@ class Paraphraser:
 
     @property
     def cache_file(self) -> Path:
-        return CACHE_DIR / "paraphrases" / re.sub(r"[^\w.-]+", "--", self.model_name) / "webqa.jsonl"
+        settings = f"seed{self.seed}-t{self.temperature}-p{self.top_p}-len{self.max_new_tokens}"
+        return CACHE_DIR / "paraphrases" / safe_name(self.model_name) / f"webqa-{settings}.jsonl"
 
     def load_cache(self) -> dict[str, list[str]]:
         if not self.cache_file.exists():
@@ -66,7 +66,8 @@ class Paraphraser:
         for start in tqdm(range(0, len(todo), self.batch_size), desc="paraphrasing", unit="batch", disable=not todo):
             batch = todo[start:start + self.batch_size]
             for question, texts in zip(batch, self.sample(batch, k, generator)):
-                cache[question] = [t or question for t in texts]
+                have = cache.get(question, [])  # paraphrases earlier tables used stay as they were
+                cache[question] = have + [t or question for t in texts[:k - len(have)]]
                 if not all(texts):
                     log.warning("paraphrase: an empty sample for %r was replaced by the question itself", question)
             self.save_cache(cache)

@@ -13,6 +13,16 @@ import pandas as pd
 import scoring
 
 
+def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], prompts: list[str], seconds: float,
+               method: str, num_ensemble: int, paraphrase_index: int = -1, **extra) -> dict:
+    """One row of a result table: full uuid, every gold answer, the first line and the raw text."""
+    from decoding import answer_text
+    prediction, generation = answer_text(tokenizer, tokens)
+    return dict(uuid=record.uuid, paraphrases=paraphrases, prompts=prompts, answers=record.answers,
+                prediction=prediction, generation=generation, seconds=seconds, new_tokens=len(tokens),
+                method=method, num_ensemble=num_ensemble, paraphrase_index=paraphrase_index, **extra)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then move the file into place: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,18 +93,33 @@ class ResultWriter:
 
     def append(self, rows: list[dict]) -> None:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.drop_torn_tail()
         with open(self.partial, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
 
+    def drop_torn_tail(self) -> None:
+        """A run killed mid-write leaves half a line: cut it, so the next row starts on its own line."""
+        if not self.partial.exists():
+            return
+        data = self.partial.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.partial, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
     def finish(self, order: list[str]) -> pd.DataFrame:
-        """Merge all rows in dataset order (one copy per uuid and paraphrase), score, write, clean up."""
+        """Merge all rows (one copy per uuid and paraphrase) in dataset order, score, write, clean up.
+        Rows of questions outside `order` (an earlier run with a larger --limit) are kept, after."""
         df = pd.DataFrame(self.rows())
-        rank = {u: i for i, u in enumerate(order)}
-        df = df[df["uuid"].isin(rank)]
+        missing = [u for u in order if u not in set(df["uuid"])]
+        if missing:  # e.g. a rank whose partial file is on another machine's disk
+            raise RuntimeError(f"{self.path}: no rows for {len(missing)} questions (first: {missing[0]}); "
+                               f"the partial files stay for a resumed run")
         df = df.drop_duplicates(subset=["uuid", "paraphrase_index"], keep="last")
-        df = df.assign(_order=df["uuid"].map(rank)).sort_values(["_order", "paraphrase_index"]).drop(columns="_order")
+        rank = {u: i for i, u in enumerate(order)}
+        df = df.assign(_order=df["uuid"].map(rank).fillna(len(rank)))
+        df = df.sort_values(["_order", "paraphrase_index"], kind="stable").drop(columns="_order")
         df = scoring.score_frame(df.drop(columns=["exact", "partial"], errors="ignore"))
         write_table(df, self.path)
         for file in self.partial_files():

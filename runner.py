@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from constants import DATASETS, DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, InputError
+from constants import DATASETS, DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, InputError, safe_name
 from dataset import Dataset, Record, load_dataset_by_name
 from results import ResultWriter, check_settings
 
@@ -44,7 +43,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 def output_dir(args) -> Path:
     if args.output_dir:
         return Path(args.output_dir)
-    model = re.sub(r"[^\w.-]+", "--", Path(args.model).name if Path(args.model).is_dir() else args.model)
+    model = safe_name(Path(args.model).name if Path(args.model).is_dir() else args.model)
     return REPO_DIR / "results" / args.dataset / model
 
 
@@ -58,8 +57,11 @@ def process_state():
 def load_job(args, num_paraphrases: int, attn_implementation: str = "sdpa"):
     """(dataset, model, tokenizer), all checked before anything is written."""
     from models import load_model
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise InputError("--batch-size and --max-new-tokens must be at least 1")
+    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.paraphrase_temperature <= 0 or not 0 < args.paraphrase_top_p <= 1:
+        raise InputError("--paraphrase-temperature must be > 0 and --paraphrase-top-p in (0, 1]")
     state = process_state()
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     model, tokenizer = load_model(args.model, device, args.dtype, attn_implementation, args.device_map)

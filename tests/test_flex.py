@@ -67,7 +67,7 @@ def test_one_paraphrase_equals_plain_greedy_decoding(tiny, small_dataset):
 def test_flex_and_sdpa_agree(small_dataset, bias):
     """The same mask rendered as a BlockMask (FlexAttention) and as a dense SDPA mask, on one model
     switched between the two attention functions."""
-    for family in ("llama", "qwen2"):
+    for family in ("llama", "qwen2", "qwen3"):
         model, tokenizer = cached_tiny(family)
         rows = [fused_row(tokenizer, small_dataset.prompt_parts(r, 3)) for r in small_dataset.records]
         biases = torch.full((3, 3), -math.log(3)) if bias == "uniform" else None
@@ -152,3 +152,21 @@ def test_mask_picture_matches_the_block_pattern():
     assert pos[0].tolist() == [0, 0, 1, 2, 3, 2, 3, 4, 2, 3, 5, 6]  # aligned: every paraphrase starts at 2
     continuous = build_row([7, 7], [[7, 7], [7, 7, 7], [7, 7]], [7, 7], "continuous")
     assert continuous.position_ids == list(range(11))
+
+
+def test_flex_refuses_to_run_without_its_block_mask_and_plain_prompts_use_sdpa(small_dataset):
+    """Confidence decoding of plain prompts under --attn flex runs on sdpa, never on a maskless flex."""
+    from decoding import single_rows
+    from flex_attention_generate import attention_implementation
+    model, tokenizer = cached_tiny("llama")
+    rows = single_rows(tokenizer, small_dataset.prompt_parts(small_dataset.records[0], 3), [0, 1, 2])
+    plain, _ = decode(model, tokenizer, rows, 1, greedy, no_stop())
+    enable_flex(model, compile=False)
+    try:
+        with pytest.raises(RuntimeError, match="needs a BlockMask"):
+            decode(model, tokenizer, rows, 1, greedy, no_stop())
+        with attention_implementation(model, "sdpa"):
+            assert decode(model, tokenizer, rows, 1, greedy, no_stop())[0] == plain
+        assert model.config._attn_implementation == "self_ensemble_flex"
+    finally:
+        model.set_attn_implementation("sdpa")

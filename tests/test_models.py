@@ -31,7 +31,9 @@ def test_unknown_model_and_missing_gpu_are_input_errors(tmp_path):
 
 
 def test_offline_hub_id_fails_with_one_clear_line(monkeypatch):
+    import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it there too
     with pytest.raises(InputError, match="cannot load nobody/not-a-model-xyz.*offline"):
         models.load_model("nobody/not-a-model-xyz", device="cpu")
 

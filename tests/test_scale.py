@@ -3,6 +3,7 @@ the same table as one."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from constants import REPO_DIR
 from results import read_table
 
 QUESTIONS = 24
+# one thread per process (the machine may be busy) and no GPU, so ranks meet over gloo on any machine
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def write_data(path: Path) -> Path:
@@ -37,13 +40,13 @@ def comparable(path: Path) -> pd.DataFrame:
 def test_killed_run_resumes_to_the_same_table(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     args = ["--method", "avg", "--num_ensemble", "3"]
-    subprocess.run([sys.executable, *command("generate.py", data, tmp_path / "ref", *args)], cwd=REPO_DIR, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, *command("generate.py", data, tmp_path / "ref", *args)], cwd=REPO_DIR, env=ENV, check=True,
+                   capture_output=True, timeout=600)
     out = tmp_path / "run"
     partial = out / "ensemble_avg-3.rank0.partial.jsonl"
-    proc = subprocess.Popen([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR,
+    proc = subprocess.Popen([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline = time.time() + 540
     while time.time() < deadline and proc.poll() is None:
         if partial.exists() and partial.read_text().count("\n") >= 3:
             proc.send_signal(signal.SIGKILL)
@@ -54,8 +57,8 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     assert not (out / "ensemble_avg-3.feather").exists()  # nothing final was written by the killed run
     done_before = partial.read_text().count("\n")
     assert 3 <= done_before < QUESTIONS
-    resumed = subprocess.run([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR,
-                             capture_output=True, text=True, timeout=300, check=True)
+    resumed = subprocess.run([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR, env=ENV,
+                             capture_output=True, text=True, timeout=600, check=True)
     assert f"already done" in resumed.stderr
     pd.testing.assert_frame_equal(comparable(out / "ensemble_avg-3.feather"), comparable(tmp_path / "ref" / "ensemble_avg-3.feather"))
     assert not list(out.glob("*.partial.jsonl"))
@@ -65,12 +68,12 @@ def test_two_processes_merge_into_the_same_table(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     args = ["--num_paraphrases", "3", "--max-new-tokens", "6"]
     subprocess.run([sys.executable, *command("flex_attention_generate.py", data, tmp_path / "one", *args)],
-                   cwd=REPO_DIR, check=True, capture_output=True, timeout=300)
+                   cwd=REPO_DIR, env=ENV, check=True, capture_output=True, timeout=600)
     accelerate = Path(sys.executable).parent / "accelerate"
     launched = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                "--mixed_precision", "no", "--dynamo_backend", "no",
                                *command("flex_attention_generate.py", data, tmp_path / "two", *args)],
-                              cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+                              cwd=REPO_DIR, env=ENV, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert "process 1 of 2" in launched.stderr  # really two ranks, each with its shard
     pd.testing.assert_frame_equal(comparable(tmp_path / "two" / "flex_attention-3.feather"),
@@ -80,9 +83,41 @@ def test_two_processes_merge_into_the_same_table(tmp_path):
 def test_resuming_with_other_settings_is_refused(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     base = command("generate.py", data, tmp_path / "out", "--method", "max", "--num_ensemble", "3", "--limit", "2")
-    subprocess.run([sys.executable, *base], cwd=REPO_DIR, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, *base], cwd=REPO_DIR, env=ENV, check=True, capture_output=True, timeout=600)
     before = (tmp_path / "out" / "ensemble_max-3.feather").read_bytes()
-    changed = subprocess.run([sys.executable, *base, "--max-new-tokens", "5"], cwd=REPO_DIR, capture_output=True,
-                             text=True, timeout=300)
+    changed = subprocess.run([sys.executable, *base, "--max-new-tokens", "5"], cwd=REPO_DIR, env=ENV, capture_output=True,
+                             text=True, timeout=600)
     assert changed.returncode == 2 and "max_new_tokens: 40 -> 5" in changed.stderr.strip().splitlines()[-1]
     assert (tmp_path / "out" / "ensemble_max-3.feather").read_bytes() == before
+
+
+def rows_for(*uuids: str) -> list[dict]:
+    return [dict(uuid=u, paraphrases=["p"], prompts=["q"], answers=["a"], prediction="a", generation="a", seconds=0.1,
+                 new_tokens=1, method="avg", num_ensemble=1, paraphrase_index=-1) for u in uuids]
+
+
+def test_a_torn_last_line_loses_no_question(tmp_path):
+    from results import ResultWriter
+    writer = ResultWriter(tmp_path / "t.feather")
+    writer.append(rows_for("q1"))
+    with open(writer.partial, "a") as f:
+        f.write('{"uuid": "q2", "paraphr')  # killed mid-write
+    writer.append(rows_for("q2", "q3"))
+    assert [r["uuid"] for r in writer.rows()] == ["q1", "q2", "q3"]
+    assert writer.finish(["q1", "q2", "q3"])["uuid"].tolist() == ["q1", "q2", "q3"]
+
+
+def test_finish_keeps_earlier_rows_and_refuses_to_drop_questions(tmp_path):
+    from results import ResultWriter
+    writer = ResultWriter(tmp_path / "t.feather")
+    writer.append(rows_for("q1", "q2", "q3"))
+    assert writer.finish(["q1", "q2", "q3"])["uuid"].tolist() == ["q1", "q2", "q3"]
+    # a later run with --limit 1 keeps what the longer run answered
+    assert ResultWriter(tmp_path / "t.feather").finish(["q1"])["uuid"].tolist() == ["q1", "q2", "q3"]
+    other = ResultWriter(tmp_path / "u.feather")
+    other.append(rows_for("q1"))
+    try:
+        other.finish(["q1", "q2"])
+        raise AssertionError("a table missing a question was written")
+    except RuntimeError as err:
+        assert "no rows for 1 questions" in str(err) and other.partial.exists()

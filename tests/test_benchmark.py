@@ -1,0 +1,96 @@
+"""Smoke test of benchmarks/bench_ensemble.py: `--quick --model tiny-llama` in a subprocess; every method
+is in the table and the work counts are what each algorithm implies. No timing is asserted."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench_ensemble.py"
+MAX_NEW, N, QUESTIONS = 4, 3, 2
+METHODS = {"single_generate", "upstream_nocache", "logit_avg", "attn_sdpa", "attn_flex", "attn_flex_compiled"}
+
+
+def write_data(path: Path) -> None:
+    """5 few-shot rows and 3 questions with 4 paraphrases each (fewer than the N=6 of the sweep)."""
+    rows = [{"uuid": f"t{i}", "paraphrases": [f"train question {i}?"], "answers": [f"a{i}"], "split": "train"}
+            for i in range(5)]
+    for i, (q, a) in enumerate([("what is the capital of france?", "Paris"), ("who wrote hamlet?", "Shakespeare"),
+                                ("where is the eiffel tower?", "Paris")]):
+        rows.append({"uuid": f"q{i}", "paraphrases": [q, f"tell me: {q}", f"question: {q}", f"{q} please"],
+                     "answers": [a]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    data, out = tmp / "data.jsonl", tmp / "out"
+    write_data(data)
+    cmd = [sys.executable, str(BENCH), "--quick", "--model", "tiny-llama", "--dataset", "jsonl", "--data-file", str(data),
+           "--questions", str(QUESTIONS), "--n", str(N), "--sweep-n", "1,6", "--large-batch", "2",
+           "--max-new-tokens", str(MAX_NEW), "--device", "cpu", "--compile-timeout", "60", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "bench_ensemble.csv", newline="") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    return proc.stdout, rows, out
+
+
+def num(row: dict, key: str) -> float:
+    return float(row[key])
+
+
+def test_table_has_every_method_and_the_sweeps(bench_run):
+    stdout, rows, out = bench_run
+    assert METHODS <= {r["method"] for r in rows.values()}
+    assert {"logit_avg_bs2", "attn_sdpa_bs2", "logit_avg_n1", "attn_sdpa_n6", "logit_avg_n6"} <= set(rows)
+    for name in ("single_generate", "upstream_nocache", "logit_avg", "attn_sdpa", "attn_flex"):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert num(rows[name], "s_per_q") > 0 and num(rows[name], "peak_rss_mb") > 0
+    # compiled flex may fail on CPU; then the row says why, in one line
+    assert rows["attn_flex_compiled"]["status"] == "ok" or rows["attn_flex_compiled"]["status"].startswith(("failed", "skipped"))
+    assert f"exactly {MAX_NEW} new tokens" in stdout
+    assert "N=6" in stdout and "cyclically" in stdout  # 4 paraphrases stored, N=6 repeats them
+    for name in ("single_generate", "upstream_nocache", "logit_avg", "attn_sdpa"):
+        assert name in stdout
+    assert (out / "bench_ensemble.md").read_text().count("| upstream_nocache |") == 1
+    assert (out / "bench_ensemble.json").is_file()
+
+
+def test_every_method_decodes_the_same_number_of_tokens(bench_run):
+    _, rows, _ = bench_run
+    for name, row in rows.items():
+        if row["status"] == "ok":
+            assert num(row, "steps") == MAX_NEW - 1, name  # the first token comes from the prefill
+
+
+def test_upstream_reruns_everything_and_ours_does_not(bench_run):
+    _, rows, _ = bench_run
+    up, logit, attn, single = (rows[k] for k in ("upstream_nocache", "logit_avg", "attn_sdpa", "single_generate"))
+    # upstream: N forwards per new token, each over the whole sequence so far (no cache)
+    assert num(up, "forwards_per_q") == N * MAX_NEW
+    prompts = num(up, "prefill_tok_per_q")  # the N prompts, unpadded
+    assert num(up, "decode_tok_per_q") == (MAX_NEW - 1) * prompts + N * MAX_NEW * (MAX_NEW - 1) / 2
+    # ours: one forward per new token for the whole question, one token per row per step
+    for row in (logit, attn, single):
+        assert num(row, "forwards_per_q") == MAX_NEW
+    assert num(logit, "decode_tok_per_q") == N * (MAX_NEW - 1)
+    assert num(attn, "decode_tok_per_q") == MAX_NEW - 1
+    assert num(single, "decode_tok_per_q") == MAX_NEW - 1
+    assert num(logit, "prefill_tok_per_q") >= prompts  # the same N prompts, left padded to the longest
+    # attention fusion: the shared prefix and suffix once, so fewer tokens than N separate prompts
+    assert num(single, "prefill_tok_per_q") < num(attn, "prefill_tok_per_q") < prompts
+    total = {k: num(rows[k], "tok_per_q") for k in ("upstream_nocache", "logit_avg", "attn_sdpa")}
+    assert total["upstream_nocache"] > total["logit_avg"] > total["attn_sdpa"]
+    # batching: one forward per step for the whole batch
+    assert num(rows["logit_avg_bs2"], "forwards_per_q") == MAX_NEW / 2
+    # the work grows with N for logit fusion, much less for attention fusion
+    assert num(rows["logit_avg_n6"], "prefill_tok_per_q") > 1.9 * num(rows["logit_avg"], "prefill_tok_per_q")
+    assert num(rows["attn_sdpa_n6"], "prefill_tok_per_q") < 1.9 * num(rows["attn_sdpa"], "prefill_tok_per_q")
+    assert num(rows["logit_avg_n1"], "tok_per_q") == num(single, "tok_per_q")

@@ -42,6 +42,9 @@ class Dataset:
     few_shot: list[tuple[str, str]] = field(default_factory=list)
 
     def prompt_parts(self, record: Record, n: int) -> PromptParts:
+        if len(record.paraphrases) < n:  # never silently fuse fewer paraphrases than asked for
+            raise InputError(f"{self.name}: question {record.uuid} has {len(record.paraphrases)} paraphrases, "
+                             f"fewer than the {n} asked for")
         instruction = QA_INSTRUCTION if self.task == "qa" else MASK_INSTRUCTION
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.few_shot)
         return PromptParts(f"{instruction}\n\n{shots}", [f"Q: {p}" for p in record.paraphrases[:n]], "\nA:")

@@ -119,3 +119,10 @@ def test_input_error_names_the_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", rows(2, train=True) + ["[1, 2]"])
     with pytest.raises(InputError, match=rf"{path}:8: expected a JSON object"):
         load_dataset_by_name("jsonl", str(path))
+
+
+def test_prompt_parts_refuse_more_paraphrases_than_stored():
+    ds = load_dataset_by_name("webqa_sample", num_paraphrases=6, limit=1)
+    assert len(ds.prompt_parts(ds.records[0], 6).segments) == 6
+    with pytest.raises(InputError, match="has 6 paraphrases, fewer than the 7 asked for"):
+        ds.prompt_parts(ds.records[0], 7)

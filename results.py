@@ -112,7 +112,8 @@ class ResultWriter:
         """Merge all rows (one copy per uuid and paraphrase) in dataset order, score, write, clean up.
         Rows of questions outside `order` (an earlier run with a larger --limit) are kept, after."""
         df = pd.DataFrame(self.rows())
-        missing = [u for u in order if u not in set(df["uuid"])]
+        have = set(df["uuid"]) if len(df) else set()
+        missing = [u for u in order if u not in have]
         if missing:  # e.g. a rank whose partial file is on another machine's disk
             raise RuntimeError(f"{self.path}: no rows for {len(missing)} questions (first: {missing[0]}); "
                                f"the partial files stay for a resumed run")

@@ -1,54 +1,141 @@
-"""Per-paraphrase confidence, as upstream: the share of K sampled answers that agree (after
-lemmatisation) with the paraphrase's greedy answer. Computed once per question, cached in
-`confidence.feather` beside the results, reused by weighted methods and attention-level bias."""
+"""Per-paraphrase confidence, as upstream defines it: the share of K sampled answers of a paraphrase's
+prompt that agree with its greedy answer, where two answers agree when either one's normalised lemmas
+contain the other's (upstream's `is_matched_str`; an empty greedy answer agrees with every non-empty
+sample). Cached in `<output-dir>/confidence-cache/` (never a result table), one entry per prompt under a
+key of the model, the prompt's token ids, K, seed, temperature, top-p and max new tokens: a changed
+setting recomputes. Every sample has its own generator, seeded from that key, so an entry does not
+depend on which other prompts shared its batch."""
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-import scoring
+from constants import CONFIDENCE_TEMPERATURE, CONFIDENCE_TOP_P, safe_name
 from dataset import Dataset, Record
 from decoding import Sampler, StopRule, answer_text, decode, greedy, single_rows
-from results import read_table, write_table
+from results import atomic_write, read_table
+
+CACHE_FOLDER = "confidence-cache"  # inside the output dir; evaluate.py reads only the folder's own *.feather
 
 
-def sampled_agreement(model, tokenizer, dataset: Dataset, record: Record, n: int, k: int, stop: StopRule,
-                      generator: torch.Generator) -> list[dict]:
-    parts = dataset.prompt_parts(record, n)
-    rows = single_rows(tokenizer, parts, list(range(n)))
+@dataclass
+class Confidences:
+    """What `confidences` gives for a batch of questions."""
+    values: dict[str, list[float]]  # uuid -> confidence of paraphrases 0..N-1
+    seconds: dict[str, float]       # uuid -> seconds its confidences took to compute (kept in the cache)
+
+    def annotate(self, rows: list[dict]) -> list[dict]:
+        """The result rows with `confidence_seconds` (the cost of their question's confidences) added."""
+        for row in rows:
+            row["confidence_seconds"] = self.seconds[row["uuid"]]
+        return rows
+
+
+@dataclass(frozen=True)
+class ConfidenceSettings:
+    """Everything a confidence depends on besides the prompt."""
+    model: str
+    revision: str | None
+    samples: int
+    seed: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+    def cache_file(self, results_dir: Path) -> Path:
+        revision = f"-{safe_name(self.revision)[:20]}" if self.revision else ""
+        name = (f"{safe_name(self.model)}{revision}-k{self.samples}-seed{self.seed}-t{self.temperature}"
+                f"-p{self.top_p}-len{self.max_new_tokens}.feather")
+        return Path(results_dir) / CACHE_FOLDER / name
+
+    def key(self, input_ids: list[int]) -> str:
+        """The cache key of one prompt: these settings and its token ids."""
+        text = json.dumps([self.model, self.revision, self.samples, self.seed, self.temperature, self.top_p,
+                           self.max_new_tokens, list(input_ids)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class RowSampler:
+    """A chooser that samples every row with its own generator (row i: generators[i]), through `Sampler`."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.samplers = [Sampler(g, temperature, top_p) for g in generators]
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.samplers[q](logits[j:j + 1], live[j:j + 1]) for j, q in enumerate(live.tolist())])
+
+
+def row_generator(key: str, sample: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(hashlib.sha256(f"{key}:{sample}".encode()).hexdigest()[:15], 16))
+
+
+def agreement(model, tokenizer, rows: list, keys: list[str], settings: ConfidenceSettings,
+              stop: StopRule) -> list[dict]:
+    """Greedy answer, K samples and confidence of each prompt row (upstream's rule, see `scoring.answers_agree`)."""
+    import scoring
+    k = settings.samples
     greedy_out, _ = decode(model, tokenizer, rows, 1, greedy, stop)
-    sampled_rows = [row for row in rows for _ in range(k)]
-    sampled_out, _ = decode(model, tokenizer, sampled_rows, 1, Sampler(generator), stop)
-    result = []
-    for i in range(n):
+    generators = [row_generator(key, j) for key in keys for j in range(k)]
+    sampled_out, _ = decode(model, tokenizer, [row for row in rows for _ in range(k)], 1,
+                            RowSampler(generators, settings.temperature, settings.top_p), stop)
+    entries = []
+    for i, key in enumerate(keys):
         answer = answer_text(tokenizer, greedy_out[i])[0]
         samples = [answer_text(tokenizer, t)[0] for t in sampled_out[i * k:(i + 1) * k]]
-        # an empty greedy answer is no answer: agreeing with it earns no confidence
-        agree = sum(scoring.same_answer(s, answer) for s in samples) / k if answer else 0.0
-        result.append({"uuid": record.uuid, "paraphrase_index": i, "paraphrase": record.paraphrases[i],
-                       "greedy": answer, "samples": k, "confidence": agree})
-    return result
+        entries.append({"key": key, "greedy": answer, "samples": samples,
+                        "confidence": sum(scoring.answers_agree(answer, samples)) / k})
+    return entries
 
 
 def confidences(model, tokenizer, dataset: Dataset, records: list[Record], n: int, k: int, stop: StopRule,
-                path: Path, seed: int = 0) -> dict[str, list[float]]:
-    """{uuid: [confidence of paraphrase 0..n-1]}, computing only what `path` does not hold yet."""
-    table = read_table(path) if path.exists() else pd.DataFrame(
-        columns=["uuid", "paraphrase_index", "paraphrase", "greedy", "samples", "confidence"])
-    known = {(r.uuid, r.paraphrase_index, r.paraphrase, r.samples): r.confidence for r in table.itertuples()}
-    new_rows = []
+                results_dir: Path, seed: int = 0, *, model_name: str, temperature: float = CONFIDENCE_TEMPERATURE,
+                top_p: float = CONFIDENCE_TOP_P) -> Confidences:
+    """Confidence of paraphrases 0..n-1 of every record, computing only the prompts the cache lacks.
+    `results_dir` is the run's output dir (the cache is its `confidence-cache/` folder); `model_name` the
+    --model given (with the loaded model's revision it is part of the key)."""
+    from models import model_revision
+    settings = ConfidenceSettings(model_name, model_revision(model), k, seed, float(temperature), float(top_p),
+                                  stop.max_new_tokens)
+    path = settings.cache_file(results_dir)
+    known = cached_entries(path)
+    new_entries, keys_of = [], {}
     for record in records:
-        if all((record.uuid, i, record.paraphrases[i], k) in known for i in range(n)):
+        rows = single_rows(tokenizer, dataset.prompt_parts(record, n), list(range(n)))
+        keys = [settings.key(row.input_ids) for row in rows]
+        keys_of[record.uuid] = keys
+        missing = [i for i in range(n) if keys[i] not in known]
+        if not missing:
             continue
-        generator = torch.Generator().manual_seed(seed)
-        new_rows += sampled_agreement(model, tokenizer, dataset, record, n, k, stop, generator)
-    if new_rows:
-        for r in new_rows:
-            known[(r["uuid"], r["paraphrase_index"], r["paraphrase"], k)] = r["confidence"]
-        write_table(pd.concat([table, pd.DataFrame(new_rows)], ignore_index=True), path)
-    return {r.uuid: [known[(r.uuid, i, r.paraphrases[i], k)] for i in range(n)] for r in records}
+        start = time.perf_counter()
+        entries = agreement(model, tokenizer, [rows[i] for i in missing], [keys[i] for i in missing], settings, stop)
+        seconds = (time.perf_counter() - start) / len(missing)
+        for i, entry in zip(missing, entries):
+            entry.update(uuid=record.uuid, paraphrase_index=i, paraphrase=record.paraphrases[i], seconds=seconds)
+            known[entry["key"]] = entry
+        new_entries += entries
+    if new_entries:
+        save_entries(path, new_entries)
+    return Confidences({u: [float(known[key]["confidence"]) for key in keys] for u, keys in keys_of.items()},
+                       {u: float(sum(known[key]["seconds"] for key in keys)) for u, keys in keys_of.items()})
+
+
+def cached_entries(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    return {row["key"]: row for row in read_table(path).to_dict("records")}
+
+
+def save_entries(path: Path, entries: list[dict]) -> None:
+    """Add entries to the cache file, merged with what another process may have added meanwhile (an entry
+    is the same whoever computes it, so a lost race only costs a recomputation)."""
+    table = pd.DataFrame([*cached_entries(path).values(), *entries]).drop_duplicates("key", keep="last")
+    atomic_write(path, lambda tmp: table.reset_index(drop=True).to_feather(tmp))
 
 
 def normalised_weights(conf: list[float]) -> tuple[list[float], bool]:

@@ -36,25 +36,75 @@ WEBQA_SAMPLE_FILE = DATA_DIR / "webqa_sample.jsonl"
 MYRIADLAMA_FIXTURE_FILE = DATA_DIR / "myriadlama_fixture.jsonl"
 WEBQA_HUB_ID = "stanfordnlp/web_questions"
 MYRIADLAMA_HUB_ID = "iszhaoxin/MyriadLAMA"
+# WebQuestions as released (CC-BY 4.0), read when the hub is unreachable; the three train files are the hub's
+# train split, and the number in each qId is the hub's row index.
+WEBQA_BUNDLED_DIR = DATA_DIR / "webquestions"
+WEBQA_TRAIN_FILES = ("trainmodel.json", "val.json", "devtest.json")
+WEBQA_TRAIN_QUESTIONS = 3778
 
 QA_INSTRUCTION = "Answer the question based on general world knowledge. Provide a short and direct answer."
 MASK_INSTRUCTION = "Predict the [MASK] in the sentence in one word."
 NUM_FEW_SHOT = 5
+WEBQA_FEW_SHOT_SEED = 42       # upstream: random.seed(42); random.sample(range(len(train)), 5)
+MYRIADLAMA_FEW_SHOT_SEED = 42
 MYRIADLAMA_TEST_FACTS = 2000
 MYRIADLAMA_SPLIT_SEED = 42
+# Which templates a MyriadLAMA fact is asked with: every manual one, then K auto ones sampled with
+# random.seed(uuid) ("manual+autoK"), or every template ("all"). Upstream's paper code used manual+auto5;
+# its latest commit samples 15.
+MYRIADLAMA_PARAPHRASE_SETS = ("manual", "manual+auto5", "manual+auto15", "all")
+MYRIADLAMA_DEFAULT_PARAPHRASES = "manual+auto5"
 
-# Paraphrase generation for WebQA, as upstream: the model paraphrases each question itself.
+# Paraphrase generation for WebQA, as upstream: the model paraphrases each question itself, in passes;
+# pass i shows the i-th paraphrase of each example. The instruction is upstream's triple-quoted string,
+# stray newlines and spaces included, so that the prompt is the same text.
 PARAPHRASE_INSTRUCTION = (
-    "Paraphrase the following question. Keep the original meaning, but use a different sentence "
-    "structure and vocabulary. Output only the paraphrased question."
+    "\nParaphrase the following question. Keep the original meaning, but use a different sentence structure "
+    "and vocabulary. Aim to make the paraphrase sound natural and diverse.\n    "
 )
 PARAPHRASE_EXAMPLES = [
-    ("what is the capital of france?", "which city serves as france's capital?"),
-    ("who wrote the novel 1984?", "which author is responsible for writing 1984?"),
-    ("where was albert einstein born?", "in what place did albert einstein come into the world?"),
-    ("what language do they speak in brazil?", "which language is spoken by the people of brazil?"),
-    ("when did world war 2 end?", "in which year did the second world war come to an end?"),
+    ("who is the governor of hawaii now?", [
+        "as of now, who leads Hawaii as its governor?",
+        "who's currently serving as Hawaii's governor?",
+        "can you tell me who governs Hawaii right now?",
+        "who’s in charge of the Hawaii state government these days?",
+        "who’s the top executive official in Hawaii right now?",
+    ]),
+    ("what was nelson mandela's religion?", [
+        "what was Mandela’s faith tradition",
+        "can you tell me Mandela’s religion?",
+        "what faith did Nelson Mandela practice?",
+        "what was the religious affiliation of Nelson Mandela?",
+        "what religion did Nelson Mandela follow?",
+    ]),
+    ("who played sean in scrubs?", [
+        "which actor portrayed Sean in Scrubs?",
+        "who took on the role of Sean in Scrubs?",
+        "who played the character Sean in the TV show Scrubs?",
+        "who was the actor that played Sean in the series Scrubs?",
+        "do you know who played the part of Sean in Scrubs?",
+    ]),
+    ("what political party was henry clay?", [
+        "Henry Clay was a member of which political party?",
+        "to which party did Henry Clay pledge his allegiance?",
+        "what political affiliation did Henry Clay have?",
+        "under which political banner did Henry Clay serve?",
+        "where did Henry Clay stand on the political party map?",
+    ]),
+    ("who are iran's major trading partners?", [
+        "who does Iran trade with the most?",
+        "who are the primary countries doing business with Iran?",
+        "what are Iran’s strongest trade relationships?",
+        "which countries top the list of Iran’s key trade allies?",
+        "which countries are central to Iran’s import and export network?",
+    ]),
 ]
+PARAPHRASE_BATCH_SIZE = 8  # upstream's: every batch restarts the pass's seed, so it shapes the samples
+
+# Attention-level fusion defaults, chosen on the dev set (see README "Choosing the defaults").
+DEFAULT_POSITIONS = "left"
+DEFAULT_FUSION_BIAS = "uniform"
+DEFAULT_FUSION_TEMPERATURE = 1.0
 
 LOGIT_METHODS = ("per_prompt", "origin", "avg", "max", "weighted_avg", "weighted_max")
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -66,17 +116,22 @@ EXIT_BAD_INPUT = 2
 class InputError(Exception):
     """Bad user input: reported as one line on stderr with exit code 2, before anything is written."""
 
-# The 5 fixed WebQuestions train examples of the QA prompt (train split qIds wqr000001/3/6/31/37).
-WEBQA_FEW_SHOT = [
-    ("what character did natalie portman play in star wars?", "Padmé Amidala"),
-    ("what country is the grand bahama island in?", "Bahamas"),
-    ("who does joakim noah play for?", "Chicago Bulls"),
-    ("who was ishmael's mom?", "Hagar"),
-    ("what sport do the toronto maple leafs play?", "Ice Hockey"),
-]
+
+def first_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def safe_name(name: str) -> str:
     """A model key, HF id or folder name as one path component ("org/model" -> "org--model")."""
     import re
     return re.sub(r"[^\w.-]+", "--", name)
+
+
+# Sampling of WebQA paraphrases (upstream's T=1.5, top-p 0.9): the flags' defaults and Paraphraser's.
+DEFAULT_PARAPHRASE_TEMPERATURE = 1.5
+DEFAULT_PARAPHRASE_TOP_P = 0.9
+# Sampling of the K answers behind a paraphrase's confidence (plain softmax sampling).
+CONFIDENCE_TEMPERATURE = 1.0
+CONFIDENCE_TOP_P = 1.0

@@ -1,16 +1,24 @@
 """Datasets: one `Record` per question (the original first among its paraphrases, every gold answer)
-and the prompt of its task. Loaders: webqa_sample (bundled), webqa, myriadlama, jsonl."""
+and the prompt of its task. Loaders: webqa_sample (bundled), webqa, myriadlama, jsonl. webqa and myriadlama are
+built as upstream builds them (same questions/facts in the same order, uuids, prompts and few-shot examples)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
-import zlib
+import re
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from constants import (CACHE_DIR, MASK_INSTRUCTION, MYRIADLAMA_HUB_ID, MYRIADLAMA_SPLIT_SEED, MYRIADLAMA_TEST_FACTS,
-                       NUM_FEW_SHOT, QA_INSTRUCTION, WEBQA_FEW_SHOT, WEBQA_HUB_ID, WEBQA_SAMPLE_FILE, InputError)
+from constants import (CACHE_DIR, MASK_INSTRUCTION, MYRIADLAMA_DEFAULT_PARAPHRASES, MYRIADLAMA_FEW_SHOT_SEED,
+                       MYRIADLAMA_HUB_ID, MYRIADLAMA_SPLIT_SEED, MYRIADLAMA_TEST_FACTS, NUM_FEW_SHOT, QA_INSTRUCTION,
+                       REPO_DIR, WEBQA_BUNDLED_DIR, WEBQA_FEW_SHOT_SEED, WEBQA_HUB_ID, WEBQA_SAMPLE_FILE,
+                       WEBQA_TRAIN_FILES, WEBQA_TRAIN_QUESTIONS, InputError, first_line)
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +118,50 @@ def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl") -> Dataset:
     return Dataset(name, task, records, shots)
 
 
-# ---------------------------------------------------------------- WebQuestions
+# ---------------------------------------------------------------- the hub, failing fast when offline
+
+HUB_PROBE_S = 3.0  # the reachability check never waits longer (plus 1 s: a thread join bounds DNS, urlopen does not)
+
+
+def offline_mode() -> bool:
+    return any(os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def probe(url: str, result: dict) -> None:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_S)
+    except urllib.error.HTTPError:
+        pass  # the server answered: reachable
+    except Exception as err:  # noqa: BLE001 - refused, unknown host, timeout: all mean unreachable
+        result["error"] = first_line(err)
+        return
+    result["ok"] = True
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot answer now, or None: checked first because datasets retries for ~25 s offline."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    result: dict = {}
+    thread = threading.Thread(target=probe, args=(endpoint, result), daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_S + 1)
+    if result.get("ok"):
+        return None
+    return f"{endpoint}: {result.get('error', f'no answer within {HUB_PROBE_S + 1:.0f} s')}"
+
+
+def from_hub(hub_id: str, split: str | None = None):
+    """(the hub's dataset, None) or (None, why not, in one line). In offline mode only the local HF cache is asked."""
+    why = None if offline_mode() else hub_unreachable()
+    if why:
+        return None, why
+    from datasets import load_dataset
+    try:
+        return load_dataset(hub_id, split=split), None
+    except Exception as err:  # noqa: BLE001 - any hub failure means the same thing to the user
+        return None, first_line(err)
+
 
 def downloaded(name: str) -> Path | None:
     """The copy download_resources.sh saved, if any: used before asking the hub."""
@@ -118,75 +169,147 @@ def downloaded(name: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def read_webquestions(data_file: Path | None) -> list[dict]:
-    """[{question, answers}] from a local JSON (../shared/data/webquestions layout), a `save_to_disk` folder,
-    or the hub (stanfordnlp/web_questions, test split)."""
-    data_file = data_file or downloaded("webqa")
-    if data_file is not None:
-        if data_file.is_dir():
-            from datasets import load_from_disk
-            ds = load_from_disk(str(data_file))
-            ds = ds["test"] if hasattr(ds, "keys") and "test" in ds else ds
-            return [{"id": f"wqs{i:06d}", "question": r["question"], "answers": list(r["answers"])} for i, r in enumerate(ds)]
-        if not data_file.is_file():
-            raise InputError(f"data file not found: {data_file}")
-        try:
-            rows = json.loads(data_file.read_text(encoding="utf-8"))
-            return [{"id": r["qId"], "question": r["qText"], "answers": list(r["answers"])} for r in rows]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise InputError(f"{data_file}: not a WebQuestions JSON array of {{qId, qText, answers}} ({err})") from None
-    from datasets import load_dataset
+def upstream_few_shot(size: int, seed: int) -> list[int]:
+    """Upstream's few-shot rows: random.seed(seed); random.sample(range(size), 5) (a private generator, same draws)."""
+    if size < NUM_FEW_SHOT:
+        raise InputError(f"the train split has {size} rows, fewer than the {NUM_FEW_SHOT} few-shot examples")
+    return random.Random(seed).sample(range(size), NUM_FEW_SHOT)
+
+
+# ---------------------------------------------------------------- WebQuestions
+
+def question_uuid(question: str) -> str:
+    """Upstream's uuid of a WebQA question: the md5 of its text."""
+    return hashlib.md5(question.encode()).hexdigest()
+
+
+def webq_row(row, where: str) -> dict:
+    """{qId, question, answers} from a hub row {question, answers} or a released one {qId, qText, answers}."""
+    row = row if isinstance(row, dict) else {}
+    question, answers = row.get("question", row.get("qText")), row.get("answers")
+    if not isinstance(question, str) or not question.strip() or not isinstance(answers, list):
+        raise InputError(f"{where}: not a WebQuestions row ({{question, answers}} or {{qId, qText, answers}})")
+    return {"qId": row.get("qId"), "question": question, "answers": [str(a) for a in answers]}
+
+
+def webq_order(rows: list[dict]) -> list[dict]:
+    """The hub's row order: the number in a released qId is the question's row in the hub's split."""
+    return sorted(rows, key=lambda r: r["qId"]) if all(r["qId"] for r in rows) else rows
+
+
+def read_webq_file(path: Path) -> list[dict]:
+    """A WebQuestions JSON array (the release's layout) or JSON Lines of hub rows."""
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        return webq_order([webq_row(row, f"{path}:{lineno}") for lineno, row in read_jsonl(path)])
     try:
-        ds = load_dataset(WEBQA_HUB_ID, split="test")
-    except Exception as err:  # noqa: BLE001 - any hub failure means the same thing to the user
-        raise InputError(f"webqa: cannot load {WEBQA_HUB_ID} from the hub ({type(err).__name__}); offline? "
-                         f"pass --data-file ../shared/data/webquestions/test.json") from None
-    return [{"id": f"wqs{i:06d}", "question": r["question"], "answers": list(r["answers"])} for i, r in enumerate(ds)]
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: expected a JSON array of WebQuestions rows")
+    return webq_order([webq_row(row, f"{path}: row {i + 1}") for i, row in enumerate(rows)])
+
+
+def bundled_train() -> list[dict]:
+    return webq_order([r for name in WEBQA_TRAIN_FILES for r in read_webq_file(WEBQA_BUNDLED_DIR / name)])
+
+
+def read_webq_folder(path: Path) -> tuple[list[dict], list[dict] | None]:
+    """A `save_to_disk` folder: the hub's splits (download_resources.sh) or one split of test rows."""
+    from datasets import load_from_disk
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"{path}: not a datasets save_to_disk folder ({first_line(err)})") from None
+    if not hasattr(ds, "keys"):
+        return [webq_row(r, str(path)) for r in ds], None
+    if "test" not in ds:
+        raise InputError(f"{path}: no 'test' split (has {', '.join(ds)})")
+    train = [webq_row(r, f"{path} train") for r in ds["train"]] if "train" in ds else None
+    return [webq_row(r, f"{path} test") for r in ds["test"]], train
+
+
+def read_webquestions(data_file: Path | None) -> tuple[list[dict], list[dict]]:
+    """(test, train) rows in the hub's order from --data-file (the release's JSON, JSONL of hub rows, or a save_to_disk
+    folder), download_resources.sh's copy, the hub, or the bundled copy when the hub is unreachable. A source without a
+    train split gets the bundled one, which is the hub's."""
+    path = data_file or downloaded("webqa")
+    if path is None:
+        ds, why = from_hub(WEBQA_HUB_ID)
+        if ds is not None:
+            return [webq_row(r, WEBQA_HUB_ID) for r in ds["test"]], [webq_row(r, WEBQA_HUB_ID) for r in ds["train"]]
+        log.warning("webqa: %s is unreachable (%s); reading the bundled copy %s", WEBQA_HUB_ID, why,
+                    WEBQA_BUNDLED_DIR.relative_to(REPO_DIR))
+        return read_webq_file(WEBQA_BUNDLED_DIR / "test.json"), bundled_train()
+    test, train = read_webq_folder(path) if path.is_dir() else (read_webq_file(path), None)
+    return test, train if train is not None else bundled_train()
 
 
 def load_webqa(data_file: Path | None, num_paraphrases: int, paraphraser=None, limit: int | None = None) -> Dataset:
-    """WebQuestions with paraphrases made by the model itself (cached per model, see paraphrase.py)."""
-    rows = read_webquestions(data_file)[:limit]
-    records = [Record(r["id"], [r["question"]], r["answers"]) for r in rows]
+    """WebQuestions as upstream builds it: uuid = md5(question); few-shot = 5 train rows drawn with random.seed(42),
+    each as its question and first answer; paraphrases made by the model itself (cached per model, see paraphrase.py)."""
+    test, train = read_webquestions(data_file)
+    if len(train) != WEBQA_TRAIN_QUESTIONS:
+        log.warning("webqa: the train split has %d questions, not the hub's %d: the few-shot examples are not upstream's",
+                    len(train), WEBQA_TRAIN_QUESTIONS)
+    shots = [(train[i]["question"], (train[i]["answers"] or [""])[0])
+             for i in upstream_few_shot(len(train), WEBQA_FEW_SHOT_SEED)]
+    records, seen = [], set()
+    for row in test[:limit]:
+        uuid = question_uuid(row["question"])
+        if uuid in seen:
+            raise InputError(f"webqa: the question {row['question']!r} occurs twice; its uuid (md5 of the text) would too")
+        seen.add(uuid)
+        records.append(Record(uuid, [row["question"]], row["answers"]))
     if num_paraphrases > 1:
         if paraphraser is None:
             raise InputError("webqa: paraphrases are generated by the model; no model given")
         records = paraphraser(records, num_paraphrases - 1)
-    return Dataset("webqa", "qa", records, list(WEBQA_FEW_SHOT))
+    return Dataset("webqa", "qa", records, shots)
 
 
 # ---------------------------------------------------------------- MyriadLAMA
 
-def read_myriadlama(data_file: Path | None) -> list[dict]:
-    data_file = data_file or downloaded("myriadlama")
-    if data_file is not None:
-        if data_file.is_dir():
-            from datasets import load_from_disk
-            ds = load_from_disk(str(data_file))
-            return list(ds["train"] if hasattr(ds, "keys") and "train" in ds else ds)
-        return [row for _, row in read_jsonl(data_file)]
-    from datasets import load_dataset
-    try:
-        return list(load_dataset(MYRIADLAMA_HUB_ID, split="train"))
-    except Exception as err:  # noqa: BLE001
-        raise InputError(f"myriadlama: cannot load {MYRIADLAMA_HUB_ID} from the hub ({type(err).__name__}); "
-                         f"offline? pass --data-file with a local copy") from None
+MYRIADLAMA_FIELDS = ("uuid", "sub_ent", "template", "is_manual")
+
+
+@dataclass
+class Fact:
+    """One MyriadLAMA fact: subject and answers from its first row, its templates in row order."""
+    uuid: str
+    subject: str
+    answers: list[str]
+    manual: list[str] = field(default_factory=list)
+    auto: list[str] = field(default_factory=list)
+
+
+def table_rows(ds) -> list[dict]:
+    """A datasets table as row dicts, read column by column (far faster than row by row at the hub's size)."""
+    wanted = [c for c in (*MYRIADLAMA_FIELDS, "obj_aliases", "obj_ents") if c in ds.column_names]
+    columns = ds.select_columns(wanted).to_dict()
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def read_myriadlama(data_file: Path | None) -> tuple[list[dict], str]:
+    """The hub's rows in the hub's order (or a local copy's), and where they came from."""
+    path = data_file or downloaded("myriadlama")
+    if path is None:
+        ds, why = from_hub(MYRIADLAMA_HUB_ID, split="train")
+        if ds is None:
+            raise InputError(f"myriadlama: cannot load {MYRIADLAMA_HUB_ID} from the hub ({why}); "
+                             f"offline? pass --data-file with a local copy")
+        return table_rows(ds), MYRIADLAMA_HUB_ID
+    if path.is_dir():
+        from datasets import load_from_disk
+        ds = load_from_disk(str(path))
+        return table_rows(ds["train"] if hasattr(ds, "keys") and "train" in ds else ds), str(path)
+    return [row for _, row in read_jsonl(path)], str(path)
 
 
 def fill_template(template: str, subject: str, obj: str = "[MASK]") -> str:
     return template.replace("[X]", subject).replace("[Y]", obj)
-
-
-def fact_record(uuid: str, rows: list[dict], num_templates: int) -> Record:
-    """The 5 manual templates first, then auto templates sampled with a seed derived from the uuid."""
-    manual = [r for r in rows if r["is_manual"]]
-    auto = [r for r in rows if not r["is_manual"]]
-    random.Random(zlib.crc32(uuid.encode())).shuffle(auto)
-    chosen = (manual + auto)[:num_templates]
-    first = rows[0]
-    aliases = as_list(first.get("obj_aliases")) or as_list(first.get("obj_ents"))  # upstream: the aliases
-    answers = list(dict.fromkeys(a for a in aliases if a))
-    return Record(uuid, [fill_template(r["template"], first["sub_ent"]) for r in chosen], answers)
 
 
 def as_list(value) -> list[str]:
@@ -197,34 +320,103 @@ def as_list(value) -> list[str]:
     return [x for v in value for x in as_list(v)]  # flattens lists of alias lists
 
 
-def load_myriadlama(data_file: Path | None, num_templates: int) -> Dataset:
-    """Grouped per fact; the test split is upstream's: `train_test_split(test_size=2000, seed=42)` over the
-    facts in file order. The few-shot examples are the first 5 training facts (first manual template)."""
-    from datasets import Dataset as HFDataset
-    facts: dict[str, list[dict]] = {}
-    for i, row in enumerate(read_myriadlama(data_file)):
-        missing = {"uuid", "sub_ent", "template", "is_manual"} - set(row)
+def is_manual(value, where: str) -> bool:
+    if value not in (True, False):  # 1/0 and numpy bools compare equal too
+        raise InputError(f"{where}: 'is_manual' must be true or false, got {value!r}")
+    return bool(value)
+
+
+def group_facts(rows: list[dict], source: str) -> list[Fact]:
+    """One Fact per uuid, sorted by uuid as pandas' groupby sorts them."""
+    facts: dict[str, Fact] = {}
+    for i, row in enumerate(rows):
+        missing = [name for name in MYRIADLAMA_FIELDS if name not in row]
         if missing:
-            raise InputError(f"myriadlama row {i + 1}: missing fields {sorted(missing)}")
-        facts.setdefault(str(row["uuid"]), []).append(row)
+            raise InputError(f"myriadlama {source} row {i + 1}: missing fields {missing}")
+        uuid = str(row["uuid"])
+        if uuid not in facts:
+            aliases = as_list(row.get("obj_aliases")) or as_list(row.get("obj_ents"))  # upstream: the aliases
+            facts[uuid] = Fact(uuid, row["sub_ent"], list(dict.fromkeys(a for a in aliases if a)))
+        manual = is_manual(row["is_manual"], f"myriadlama {source} row {i + 1}")
+        (facts[uuid].manual if manual else facts[uuid].auto).append(row["template"])
+    return [facts[uuid] for uuid in sorted(facts)]
+
+
+def auto_count(paraphrase_set: str) -> int | None:
+    """How many auto templates a set adds: manual 0, manual+autoK K, all None (every one, in row order)."""
+    match = re.fullmatch(r"manual(?:\+auto(\d+))?|all", paraphrase_set)
+    if match is None:
+        raise InputError(f"--paraphrases {paraphrase_set!r}: choose manual, manual+autoK (e.g. manual+auto5) or all")
+    return None if paraphrase_set == "all" else int(match.group(1) or 0)
+
+
+def resolve_paraphrase_set(dataset: str, paraphrase_set: str | None) -> str | None:
+    """The template set a run uses (for its settings): upstream's unless chosen; None for a dataset without sets."""
+    if dataset != "myriadlama":
+        if paraphrase_set is not None:
+            raise InputError(f"--paraphrases {paraphrase_set!r}: only --dataset myriadlama has template sets, "
+                             f"not {dataset}")
+        return None
+    paraphrase_set = paraphrase_set or MYRIADLAMA_DEFAULT_PARAPHRASES
+    auto_count(paraphrase_set)
+    return paraphrase_set
+
+
+def fact_prompts(fact: Fact, num_auto: int | None) -> list[str]:
+    """Every manual template, then num_auto auto ones drawn as upstream: random.seed(uuid); random.sample(auto, k)."""
+    auto = fact.auto if num_auto is None else random.Random(fact.uuid).sample(fact.auto, min(num_auto, len(fact.auto)))
+    return [fill_template(t, fact.subject) for t in fact.manual + auto]
+
+
+def few_shot_example(fact: Fact) -> tuple[str, str]:
+    """Upstream shows a few-shot fact as its first manual template and its first alias."""
+    if not fact.manual:
+        raise InputError(f"myriadlama: few-shot fact {fact.uuid} has no manual template")
+    return fill_template(fact.manual[0], fact.subject), (fact.answers or [""])[0]
+
+
+def parity_gaps(facts: list[Fact], num_auto: int | None) -> list[str]:
+    """What keeps these rows from giving upstream's facts and prompts (nothing, for the hub's)."""
+    gaps = []
+    if len(facts) < MYRIADLAMA_TEST_FACTS + NUM_FEW_SHOT:
+        gaps.append(f"{len(facts)} facts are too few for upstream's {MYRIADLAMA_TEST_FACTS}-fact test split")
+    short = sum(len(f.auto) < num_auto for f in facts) if num_auto else 0
+    if short:
+        gaps.append(f"{short} facts have fewer than the {num_auto} auto templates to sample")
+    return gaps
+
+
+def load_myriadlama(data_file: Path | None, paraphrase_set: str | None = None) -> Dataset:
+    """Upstream's construction: facts grouped and sorted by uuid, `train_test_split(test_size=2000, seed=42,
+    shuffle=True)`, the test facts in that order, prompts from `fact_prompts`, few-shot = 5 training facts drawn with
+    random.seed(42). A local copy must keep the hub's row order: a fact's template order decides its prompts."""
+    from datasets import Dataset as HFDataset
+    num_auto = auto_count(paraphrase_set or MYRIADLAMA_DEFAULT_PARAPHRASES)
+    rows, source = read_myriadlama(data_file)
+    facts = group_facts(rows, source)
     if len(facts) <= NUM_FEW_SHOT:
-        raise InputError(f"myriadlama: only {len(facts)} facts; need more than {NUM_FEW_SHOT}")
-    split = HFDataset.from_dict({"uuid": list(facts)}).train_test_split(
-        test_size=min(MYRIADLAMA_TEST_FACTS, len(facts) - NUM_FEW_SHOT), seed=MYRIADLAMA_SPLIT_SEED)
-    shots = []
-    for uuid in split["train"]["uuid"][:NUM_FEW_SHOT]:
-        record = fact_record(uuid, facts[uuid], 1)
-        shots.append((record.paraphrases[0], record.answers[0] if record.answers else ""))
-    records = [fact_record(u, facts[u], len(facts[u])) for u in split["test"]["uuid"]]
+        raise InputError(f"myriadlama: {source} has only {len(facts)} facts; need more than {NUM_FEW_SHOT}")
+    gaps = parity_gaps(facts, num_auto)
+    if gaps:
+        log.warning("myriadlama: %s cannot give upstream's facts and prompts: %s", source, "; ".join(gaps))
+    # the split's permutation depends only on the number of rows, so fact indices stand in for upstream's table
+    split = HFDataset.from_dict({"fact": list(range(len(facts)))}).train_test_split(
+        test_size=min(MYRIADLAMA_TEST_FACTS, len(facts) - NUM_FEW_SHOT), seed=MYRIADLAMA_SPLIT_SEED, shuffle=True)
+    train = [facts[i] for i in split["train"]["fact"]]
+    shots = [few_shot_example(train[i]) for i in upstream_few_shot(len(train), MYRIADLAMA_FEW_SHOT_SEED)]
+    records = [Record(facts[i].uuid, fact_prompts(facts[i], num_auto), facts[i].answers) for i in split["test"]["fact"]]
     return Dataset("myriadlama", "mask", records, shots)
 
 
 # ---------------------------------------------------------------- the entry point
 
 def load_dataset_by_name(name: str, data_file: str | None = None, task: str | None = None,
-                         num_paraphrases: int = 1, paraphraser=None, limit: int | None = None) -> Dataset:
-    """The records of a dataset, checked to have `num_paraphrases` paraphrases each, cut to `limit`."""
+                         num_paraphrases: int = 1, paraphraser=None, limit: int | None = None,
+                         paraphrase_set: str | None = None) -> Dataset:
+    """The records of a dataset, checked to have `num_paraphrases` paraphrases each, cut to `limit`.
+    `paraphrase_set`: MyriadLAMA's templates (see `resolve_paraphrase_set`); None is upstream's."""
     path = Path(data_file) if data_file else None
+    paraphrase_set = resolve_paraphrase_set(name, paraphrase_set)
     if name == "webqa_sample":
         ds = load_jsonl(path or WEBQA_SAMPLE_FILE, task or "qa", name)
     elif name == "jsonl":
@@ -234,7 +426,7 @@ def load_dataset_by_name(name: str, data_file: str | None = None, task: str | No
     elif name == "webqa":
         ds = load_webqa(path, num_paraphrases, paraphraser, limit)
     elif name == "myriadlama":
-        ds = load_myriadlama(path, max(num_paraphrases, 1))
+        ds = load_myriadlama(path, paraphrase_set)
     else:
         raise InputError(f"--dataset {name!r}: unknown; choose webqa_sample, webqa, myriadlama or jsonl")
     ds.records = ds.records[:limit]

@@ -4,17 +4,16 @@ questions dropped from the batch. Generators differ only in how a step's logits 
 (`choose`) and in the attention mask (`MaskRenderer`)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from transformers import DynamicCache
 
-PAD_SEGMENT = -1     # left padding: attends to itself only, seen by nobody
-PREFIX_SEGMENT = 0   # instruction and few-shot examples: seen by every token after it
-FUSED_SEGMENT = 1 << 20  # answer cue and generated tokens: see everything before them
-# paraphrase segments are numbered 1..N: each sees the prefix and itself
+from constants import InputError
+from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, attention_implementation
 
 
 @dataclass
@@ -25,17 +24,22 @@ class Row:
     position_ids: list[int]
 
 
-def build_row(prefix: list[int], segments: list[list[int]], suffix: list[int], positions: str = "aligned") -> Row:
-    """`[prefix][segment 1]..[segment N][suffix]`. aligned: every segment starts right after the prefix and
-    the suffix after the longest segment (Parallel Context Windows); continuous: 0..L-1 (upstream)."""
+POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted as the old name of "left"
+
+
+def build_row(prefix: list[int], segments: list[list[int]], suffix: list[int], positions: str = "left") -> Row:
+    """`[prefix][segment 1]..[segment N][suffix]` with position ids. left (Parallel Context Windows): every
+    segment starts right after the prefix, the suffix follows the longest; right (Structured Prompting):
+    every segment ends right before the suffix; continuous: 0..L-1 (upstream)."""
+    positions = "left" if positions == "aligned" else positions
     ids, seg, pos = list(prefix), [PREFIX_SEGMENT] * len(prefix), list(range(len(prefix)))
-    start = len(prefix)
+    start, longest = len(prefix), max((len(t) for t in segments), default=0)
     for i, tokens in enumerate(segments, 1):
-        first = start if positions == "aligned" else len(ids)
+        first = {"left": start, "right": start + longest - len(tokens)}.get(positions, len(ids))
         ids += tokens
         seg += [i] * len(tokens)
         pos += range(first, first + len(tokens))
-    after = start + max((len(t) for t in segments), default=0) if positions == "aligned" else len(ids)
+    after = len(ids) if positions == "continuous" else start + longest
     ids += suffix
     seg += [FUSED_SEGMENT] * len(suffix)
     pos += range(after, after + len(suffix))
@@ -43,11 +47,42 @@ def build_row(prefix: list[int], segments: list[list[int]], suffix: list[int], p
 
 
 def encode_prompt(tokenizer, prefix: str, segments: list[str], suffix: str) -> tuple[list[int], list[list[int]], list[int]]:
-    """Token ids of the prompt's parts, each tokenised alone (the prefix with the tokenizer's BOS, if it
-    adds one): the same ids for every method, so single-prompt and fused runs see identical tokens."""
-    def enc(text: str, special: bool) -> list[int]:
-        return tokenizer(text, add_special_tokens=special)["input_ids"]
-    return enc(prefix, True), [enc(s, False) for s in segments], enc(suffix, False)
+    """Token ids of the prompt's parts, cut from the tokenisation of each whole prompt `prefix + segment i +
+    suffix` (BOS included if the tokenizer adds one), so that prefix + segment i + suffix is exactly
+    `tokenizer(full prompt i)`: the tokens the model reads for that text. The shared prefix (suffix) is the
+    longest run of leading (trailing) tokens that all prompts share and that lies inside the prefix
+    (suffix) text; a token merged across a cut (e.g. "?\n") goes to the segment."""
+    texts = [prefix + s + suffix for s in segments] or [prefix + suffix]
+    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    leads = [row[:leading(end <= len(prefix) for _, end in offs)] for row, offs in zip(ids, offsets)]
+    trails = [row[::-1][:leading(start >= len(text) - len(suffix) for start, _ in offs[::-1])]
+              for row, offs, text in zip(ids, offsets, texts)]
+    head = shared_run(leads)
+    tail = min(shared_run(trails), min(len(row) for row in ids) - head)
+    if suffix and not tail:
+        raise InputError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: the answer "
+                         f"cue {suffix!r} is tokenised differently after each paraphrase; no shared suffix to fuse on")
+    return ids[0][:head], [row[head:len(row) - tail] for row in ids][:len(segments)], ids[0][len(ids[0]) - tail:]
+
+
+def leading(flags) -> int:
+    """How many of the first flags are true."""
+    count = 0
+    for flag in flags:
+        if not flag:
+            break
+        count += 1
+    return count
+
+
+def shared_run(rows: list[list[int]]) -> int:
+    """The length of the longest run of leading ids that every row has."""
+    length = min(len(r) for r in rows)
+    for i in range(length):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return length
 
 
 def pad_left(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,7 +97,10 @@ def pad_left(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.
 
 
 class MaskRenderer(Protocol):
-    """Gives the attention_mask argument (and extra forward kwargs) for the prefill and each step."""
+    """Gives the attention_mask argument (and extra forward kwargs) for the prefill and each step, and
+    the attention implementation it is rendered for (a context manager around one decode)."""
+    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> None: ...
+    def attention(self, model) -> ContextManager: ...
     def prefill(self) -> dict: ...
     def step(self) -> dict: ...
     def select(self, rows: torch.Tensor) -> None: ...
@@ -73,6 +111,9 @@ class PaddingMask:
 
     def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int):
         self.mask = (segment_ids != PAD_SEGMENT).long()
+
+    def attention(self, model) -> ContextManager:
+        return attention_implementation(model, "sdpa")
 
     def prefill(self) -> dict:
         return {"attention_mask": self.mask}
@@ -111,6 +152,10 @@ class DecodeStats:
     steps: int = 0
     seconds: float = 0.0
 
+    def add(self, other: "DecodeStats") -> "DecodeStats":
+        """The sum of two decodes' statistics (e.g. over the batches of a run)."""
+        return DecodeStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
 
 # choose(logits [Q, n, V] of the live questions, their indices) -> next token per live question [Q]
 Chooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -137,42 +182,53 @@ class Sampler:
 
 
 @torch.inference_mode()
-def decode(model, tokenizer, rows: list[Row], rows_per_question: int, choose: Chooser, stop: StopRule,
-           mask_cls=PaddingMask, mask_kwargs: dict | None = None) -> tuple[list[list[int]], DecodeStats]:
+def prefill(model, ids: torch.Tensor, pos: torch.Tensor, mask: dict, logits_to_keep: int = 1,
+            cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
+    """Run prompt rows [R, L] into a KV cache under `mask` (a renderer's forward kwargs): (logits, cache)."""
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    logits = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
+                   **mask).logits
+    if cache.get_seq_length() != ids.shape[1]:  # a transformers whose forward ignores `cache=` decodes garbage
+        raise RuntimeError("the model did not fill the KV cache passed as `cache=`; use transformers>=5.24")
+    return logits, cache
+
+
+@torch.inference_mode()
+def decode(model, tokenizer, rows: list[Row], n: int, choose: Chooser, stop: StopRule,
+           mask_cls: type[MaskRenderer] = PaddingMask, mask_kwargs: dict | None = None
+           ) -> tuple[list[list[int]], DecodeStats]:
     """Decode all questions of a batch together: rows [q*n, (q+1)*n) belong to question q and receive
     the same chosen token. One forward per step over the live rows, with a KV cache."""
     start = time.perf_counter()
-    device, n = model.device, rows_per_question
+    device = model.device
     ids, pos, seg = pad_left(rows, tokenizer.pad_token_id, device)
     mask = mask_cls(seg, stop.max_new_tokens, **(mask_kwargs or {}))
-    cache = DynamicCache(config=model.config)
     stats = DecodeStats(prefill_tokens=ids.numel())
-    logits = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1,
-                   **mask.prefill()).logits[:, -1]
-    if cache.get_seq_length() != ids.shape[1]:  # a transformers whose forward ignores `cache=` decodes garbage
-        raise RuntimeError("the model did not fill the KV cache passed as `cache=`; use transformers>=5.24")
-    num_questions = len(rows) // n
-    outputs: list[list[int]] = [[] for _ in range(num_questions)]
-    live = torch.arange(num_questions, device=device)
-    next_pos = pos[:, -1] + 1
-    while True:
-        tokens = choose(logits.float().view(len(live), n, -1), live)
-        for q, t in zip(live.tolist(), tokens.tolist()):
-            outputs[q].append(t)
-        keep = torch.tensor([not stop.done(outputs[q], tokenizer) for q in live.tolist()], device=device)
-        if not keep.any():
-            break
-        if not keep.all():  # drop finished questions' rows from the cache and the mask
-            rows_kept = keep.repeat_interleave(n).nonzero().squeeze(-1)
-            cache.batch_select_indices(rows_kept)
-            mask.select(rows_kept)
-            live, tokens, next_pos = live[keep], tokens[keep], next_pos[rows_kept]
-        step_ids = tokens.repeat_interleave(n).unsqueeze(-1)
-        logits = model(input_ids=step_ids, position_ids=next_pos.unsqueeze(-1), cache=cache, use_cache=True,
-                       **mask.step()).logits[:, -1]
-        next_pos = next_pos + 1
-        stats.steps += 1
-        stats.decode_tokens += step_ids.numel()
+    with mask.attention(model):
+        logits, cache = prefill(model, ids, pos, mask.prefill())
+        logits = logits[:, -1]
+        num_questions = len(rows) // n
+        outputs: list[list[int]] = [[] for _ in range(num_questions)]
+        live = torch.arange(num_questions, device=device)
+        next_pos = pos[:, -1] + 1
+        while True:
+            tokens = choose(logits.float().view(len(live), n, -1), live)
+            for q, t in zip(live.tolist(), tokens.tolist()):
+                outputs[q].append(t)
+            keep = torch.tensor([not stop.done(outputs[q], tokenizer) for q in live.tolist()], device=device)
+            if not keep.any():
+                break
+            if not keep.all():  # drop finished questions' rows from the cache and the mask
+                rows_kept = keep.repeat_interleave(n).nonzero().squeeze(-1)
+                cache.batch_select_indices(rows_kept)
+                mask.select(rows_kept)
+                live, tokens, next_pos = live[keep], tokens[keep], next_pos[rows_kept]
+            step_ids = tokens.repeat_interleave(n).unsqueeze(-1)
+            logits = model(input_ids=step_ids, position_ids=next_pos.unsqueeze(-1), cache=cache, use_cache=True,
+                           **mask.step()).logits[:, -1]
+            next_pos = next_pos + 1
+            stats.steps += 1
+            stats.decode_tokens += step_ids.numel()
     stats.seconds = time.perf_counter() - start
     return outputs, stats
 
@@ -190,7 +246,7 @@ def single_rows(tokenizer, parts, indices: list[int]) -> list[Row]:
     return [build_row(prefix, [segments[i]], suffix) for i in indices]
 
 
-def fused_row(tokenizer, parts, positions: str = "aligned") -> Row:
+def fused_row(tokenizer, parts, positions: str = "left") -> Row:
     """All paraphrases in one row: `[prefix][paraphrase 1]..[paraphrase N][suffix]`."""
     prefix, segments, suffix = encode_prompt(tokenizer, parts.prefix, parts.segments, parts.suffix)
     return build_row(prefix, segments, suffix, positions)
@@ -201,6 +257,5 @@ def check_context(model, rows: list[Row], max_new_tokens: int, where: str) -> No
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max(max(r.position_ids) + 1 for r in rows) + max_new_tokens
     if limit is not None and longest > limit:
-        from constants import InputError
         raise InputError(f"question {where}: prompt and answer need {longest} positions, more than the model's "
                          f"context of {limit}; use fewer paraphrases or --max-new-tokens")

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from constants import EXIT_BAD_INPUT, LOGIT_METHODS, InputError
+from results import atomic_write, check_writable_dir
 
 REQUIRED_COLUMNS = (
     "uuid", "answers", "prediction", "seconds", "new_tokens", "method", "num_ensemble", "paraphrase_index",
@@ -31,10 +29,22 @@ HEADER = (
 )
 
 
+LEGACY_CACHE_NAMES = ("confidence.feather",)  # where earlier versions kept the confidence cache
+
+
+def is_result_table(path: Path) -> bool:
+    """A result table is a `*.feather` file directly in the results folder; not a hidden or temporary file,
+    a partial one, or an earlier version's confidence cache (today's lives in confidence-cache/)."""
+    return (path.suffix == ".feather" and path.is_file() and not path.name.startswith(".")
+            and ".partial" not in path.name and path.name not in LEGACY_CACHE_NAMES)
+
+
 def _result_files(results_dir: Path) -> list[Path]:
-    if not results_dir.is_dir():
+    if not results_dir.exists():
         raise InputError(f"results dir not found: {results_dir}")
-    files = sorted(p for p in results_dir.glob("*.feather") if ".partial" not in p.name)
+    if not results_dir.is_dir():
+        raise InputError(f"--results-dir {results_dir}: is a file, not a folder")
+    files = sorted(p for p in results_dir.glob("*.feather") if is_result_table(p))
     if not files:
         raise InputError(f"no result tables (*.feather) in {results_dir}")
     return files
@@ -62,11 +72,14 @@ def _labels(df: pd.DataFrame) -> list[str]:
 
 def _summarise(group: pd.DataFrame) -> dict:
     questions = group["uuid"].nunique()
+    seconds = group["seconds"].sum()
+    if "confidence_seconds" in group.columns:  # the weighted methods' confidences are part of their cost
+        seconds += group.drop_duplicates("uuid")["confidence_seconds"].fillna(0).sum()
     row = {
         "questions": questions,
         "exact": group["exact"].mean(),
         "partial": group["partial"].mean(),
-        "seconds/question": group["seconds"].sum() / questions,
+        "seconds/question": seconds / questions,
         "tokens/question": group["new_tokens"].sum() / questions,
     }
     if (group["method"] == "per_prompt").all():
@@ -115,17 +128,6 @@ def format_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_report(report: pd.DataFrame, path: Path) -> None:
     """report.png: partial accuracy against N per method, and against seconds per question."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -148,31 +150,33 @@ def plot_report(report: pd.DataFrame, path: Path) -> None:
     for _, row in report.iterrows():
         by_cost.annotate(f"{row['method']}-{row['N']}", (row["seconds/question"], row["partial"]), fontsize="small")
     by_cost.set(xlabel="seconds per question", ylabel="partial accuracy", title="Accuracy against cost")
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def write_report(report: pd.DataFrame, output_dir: Path) -> None:
     """report.md, report.csv and report.png in output_dir, each written atomically."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     markdown = f"# Results\n\n{HEADER}\n\n{format_markdown(report)}\n"
-    _write_atomic(output_dir / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    _write_atomic(output_dir / "report.csv", lambda tmp: report.to_csv(tmp, index=False))
+    atomic_write(output_dir / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    atomic_write(output_dir / "report.csv", lambda tmp: report.to_csv(tmp, index=False))
     plot_report(report, output_dir / "report.png")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from runner import OneLineParser  # noqa: F401 - see below: runner imports torch, so it is not used here
+
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", required=True, type=Path, help="folder with the *.feather result tables")
     parser.add_argument("--output-dir", type=Path, help="where to write report.md/.csv/.png (default: results dir)")
     args = parser.parse_args(argv)
+    output_dir = args.output_dir or args.results_dir
     try:
         report = build_report(args.results_dir)
+        check_writable_dir(output_dir)
     except InputError as exc:
-        print(f"evaluate.py: {exc}", file=sys.stderr)
+        print(f"evaluate.py: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(HEADER)
     print(format_markdown(report))
-    output_dir = args.output_dir or args.results_dir
     write_report(report, output_dir)
     print(f"wrote report.md, report.csv, report.png to {output_dir}")
     return 0

@@ -11,12 +11,12 @@ import argparse
 import torch
 
 from dataset import Dataset, Record
-from debug_flexattention import (allowed_matrix, draw_mask, generate_with_topk, isolation_diffs, mask_legend,
-                                 print_isolation, print_layout, print_steps, tolerance)
 from decoding import Row, StopRule, build_row, fused_row
-from flex_attention_generate import answer_fused, enable_flex
+from inspect_fusion import generate_with_topk, isolation_diffs, print_isolation, print_layout, print_steps, tolerance
+from methods import answer_fused
 from models import load_model
 from runner import main_guard
+from segment_mask import FUSED_SEGMENT, allowed_matrix, draw_mask, mask_legend
 
 # A hand-made layout: token ids do not matter for the mask, only the segments do.
 PREFIX = [11, 12, 13]            # instruction and few-shot examples, shared
@@ -41,15 +41,13 @@ def example_layouts() -> list[tuple[str, Row]]:
 def show_masks() -> None:
     for title, row in example_layouts():
         print(f"--- {title}")
-        print(draw_mask(allowed_matrix(row.segment_ids), row.segment_ids))
+        print(draw_mask(row.segment_ids))
         print(f"  position ids (aligned): {row.position_ids}\n")
-    print(mask_legend(example_layouts()[-1][1].segment_ids, 1) + "\n")
+    print(mask_legend(example_layouts()[-1][1].segment_ids) + "\n")
 
 
 def run_ensemble(model_name: str, attn: str, max_new_tokens: int) -> bool:
     model, tokenizer = load_model(model_name, device="cpu")
-    if attn == "flex":
-        print(f"attention: {enable_flex(model, compile=False)}")
     dataset = Dataset("example", "qa", [QUESTION], FEW_SHOT)
     row = fused_row(tokenizer, dataset.prompt_parts(QUESTION, 3))
     print(f"=== attention-level ensemble on {model_name}: 1 question, 3 paraphrases, one row of "
@@ -61,11 +59,28 @@ def run_ensemble(model_name: str, attn: str, max_new_tokens: int) -> bool:
     tokens, chooser = generate_with_topk(model, tokenizer, row, attn, stop, k=3)
     print("generated tokens (greedy; top-3 candidates):")
     print_steps(tokenizer, tokens, chooser)
-    # The generator's own entry point must pick the very same tokens.
-    reference = answer_fused(model, tokenizer, dataset, [QUESTION], 3, stop, backend=attn)[0]
-    same = reference["new_tokens"] == len(tokens) and reference["generation"] == tokenizer.decode(tokens, skip_special_tokens=True)
-    print(f"answer_fused (flex_attention_generate.py's path) gives the same tokens: {same}")
+    # An independent reference: no KV cache, the whole sequence re-run every step under the dense mask
+    # drawn above (allowed_matrix), through plain SDPA; the generator's own entry point must agree with it.
+    reference = full_recompute(model, row, max_new_tokens)
+    fused = answer_fused(model, tokenizer, dataset, [QUESTION], 3, stop, backend=attn)[0][0]
+    same = tokens == reference and fused["generation"] == tokenizer.decode(reference, skip_special_tokens=True)
+    print(f"the cached decode and answer_fused give the tokens of a no-cache full recompute: {same}")
     return ok and same
+
+
+@torch.inference_mode()
+def full_recompute(model, row: Row, max_new_tokens: int) -> list[int]:
+    """Greedy tokens, each from the whole sequence (prompt + tokens so far) and its full mask, no cache."""
+    generated: list[int] = []
+    next_pos = max(row.position_ids) + 1
+    for _ in range(max_new_tokens):
+        seg = row.segment_ids + [FUSED_SEGMENT] * len(generated)
+        mask = torch.where(allowed_matrix(seg), 0.0, float("-inf"))[None, None]
+        ids = torch.tensor([row.input_ids + generated])
+        pos = torch.tensor([row.position_ids + list(range(next_pos, next_pos + len(generated)))])
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits[0, -1]
+        generated.append(int(logits.argmax()))
+    return generated
 
 
 @main_guard

@@ -3,8 +3,10 @@ deterministic tiny random models for tests. One entry point: `load_model`."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from constants import CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -30,6 +33,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[dtype]
+
+
+def check_device_map(device_map: str | None) -> None:
+    """--device-map is one of accelerate's strategies or a device torch knows (cpu, cuda:1)."""
+    if device_map is None or device_map in DEVICE_MAPS:
+        return
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device-map {device_map!r}: not one of {', '.join(DEVICE_MAPS)} or a device "
+                         f"such as cpu or cuda:0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device-map {device_map!r}: no CUDA GPU is visible to torch")
 
 
 # ---------------------------------------------------------------- embedded model (GGUF -> safetensors)
@@ -68,6 +84,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from results import current_umask
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the shared cache from collaborators
         try:
             tmp.rename(out)
         except OSError:  # another process (a second rank) finished the same conversion first
@@ -113,38 +131,99 @@ def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
 
 # ---------------------------------------------------------------- the entry point
 
-def model_source(name: str) -> str:
+def check_model_name(name: str) -> None:
+    """Whether `name` can be a model, checked without loading or converting anything (so before the data)."""
+    if name in TINY_MODELS or name in MODELS:
+        return
+    if name == EMBEDDED_MODEL:
+        if not (Path(CACHE_DIR) / "models" / EMBEDDED_MODEL / "config.json").exists():
+            embedded_package_dir()  # the GGUF it is converted from must be installed
+        return
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise InputError(f"--model {name!r}: a folder without config.json is not a transformers model folder")
+    model_source(name, convert=False)
+
+
+def model_source(name: str, convert: bool = True) -> str:
     """Where `name` loads from: a registry key's HF id, the embedded folder, a local folder or an HF id."""
     if name == EMBEDDED_MODEL:
-        return str(embedded_model_dir())
+        return str(embedded_model_dir()) if convert else name
     if name in MODELS:
         return MODELS[name]
     if Path(name).is_dir():
         return name
-    if "/" in name and not Path(name).exists() and not name.startswith((".", "/")):
-        return name  # a Hugging Face id
+    if is_hub_id(name):
+        return name
     keys = ", ".join([EMBEDDED_MODEL, *MODELS, *TINY_MODELS])
     raise InputError(f"--model {name!r}: not a model key ({keys}), a local folder or a Hugging Face id")
+
+
+def is_hub_id(source: str) -> bool:
+    return "/" in source and not Path(source).exists() and not source.startswith((".", "/"))
+
+
+def model_revision(model) -> str | None:
+    """What identifies the loaded weights: the hub commit (the config's `_commit_hash`), else a hash of the
+    local folder's file names and sizes, else None (the tiny test models, built by code)."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    folder = getattr(model.config, "_name_or_path", "") or ""
+    if not folder or not Path(folder).is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{file.name}\t{file.stat().st_size}\n".encode())
+    return f"files:{digest.hexdigest()[:16]}"
+
+
+def _load_pretrained(source: str, torch_dtype, attn_implementation: str, device_map, **hub):
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map, **hub)
+    return model, tokenizer
+
+
+def _hub_unavailable() -> str | None:
+    """Why the hub cannot be asked now (offline mode, or no answer to a quick probe), or None."""
+    import huggingface_hub.constants
+    from dataset import hub_unreachable, offline_mode
+    if offline_mode() or huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return "offline mode: HF_HUB_OFFLINE is set"
+    return hub_unreachable()
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
                device_map: str | None = None):
     """Load (model, tokenizer) in eval mode; `name` is a key of constants.MODELS, the embedded model,
-    a tiny test model (tiny-llama, tiny-qwen2, tiny-qwen3), a local folder or a Hugging Face id."""
+    a tiny test model (tiny-llama, tiny-qwen2, tiny-qwen3), a local folder or a Hugging Face id.
+    A hub model is read from the local hub cache first (no network); only a model missing there is
+    downloaded, and when the hub cannot be reached that fails at once, in one line."""
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     if name in TINY_MODELS:
         model, tokenizer = tiny_model(name.split("-", 1)[1], attn_implementation=attn_implementation)
-        return model.to(torch_device), tokenizer
+        return model.to(device=torch_device, dtype=torch_dtype), tokenizer
     source = model_source(name)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map)
-    except OSError as err:  # offline, gated or misspelt: say which, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"--model {name!r}: cannot load {source} ({first}); offline? run "
-                         f"./download_resources.sh --model {name} where the hub is reachable") from None
+    loaded = None
+    if is_hub_id(source):
+        try:
+            loaded = _load_pretrained(source, torch_dtype, attn_implementation, device_map, local_files_only=True)
+        except OSError:
+            why = _hub_unavailable()
+            if why:
+                from huggingface_hub.constants import HF_HUB_CACHE
+                raise InputError(f"--model {name!r}: {source} is not in the hub cache ({HF_HUB_CACHE}) and the hub "
+                                 f"cannot be asked ({why}); run ./download_resources.sh --model {name} where the "
+                                 f"hub is reachable") from None
+    if loaded is None:
+        try:
+            loaded = _load_pretrained(source, torch_dtype, attn_implementation, device_map)
+        except OSError as err:  # gated or misspelt: say which, in one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"--model {name!r}: cannot load {source} ({first}); offline? run "
+                             f"./download_resources.sh --model {name} where the hub is reachable") from None
+    model, tokenizer = loaded
     if device_map is None:
         model = model.to(torch_device)
     if tokenizer.pad_token_id is None:

@@ -1,6 +1,8 @@
-"""WebQA paraphrases made by the evaluated model itself, as upstream: an instruction, 5 hand-written
-examples, sampling (T=1.5, top-p 0.9, 30 tokens), the first line kept. Cached per model on disk
-(`$SELF_ENSEMBLE_CACHE/paraphrases/<model>/webqa.jsonl`) and reused on later runs."""
+"""WebQA paraphrases made by the evaluated model itself, as upstream makes them: passes over the questions, pass i
+showing the i-th hand-written paraphrase of each of 5 examples and sampling with seed + i (T=1.5, top-p 0.9, 30 new
+tokens), the first line kept. Upstream made 5 passes; pass 5 and later reuse the example columns cyclically with their
+own seeds. Cached per model and settings on disk (`$SELF_ENSEMBLE_CACHE/paraphrases/<model>/webqa-upstream-...jsonl`):
+a larger N runs the further passes only, after the paraphrases earlier tables used."""
 from __future__ import annotations
 
 import json
@@ -11,12 +13,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from constants import CACHE_DIR, safe_name, PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION
+from constants import CACHE_DIR, PARAPHRASE_BATCH_SIZE, PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION, safe_name
 from dataset import Record
-from decoding import Sampler, StopRule, answer_text, build_row, decode, encode_prompt, eos_ids
+from decoding import Row, Sampler, StopRule, answer_text, build_row, decode, eos_ids
 from results import atomic_write
 
 log = logging.getLogger(__name__)
+
+
+def paraphrase_prompt(question: str, pass_index: int) -> str:
+    """Upstream's prompt text for one question in pass `pass_index`."""
+    column = pass_index % len(PARAPHRASE_EXAMPLES[0][1])
+    shots = "\n\n".join(f"Q: {q}\nParaphrase: {paraphrases[column]}" for q, paraphrases in PARAPHRASE_EXAMPLES)
+    return f"{PARAPHRASE_INSTRUCTION}\n{shots}\n\nQ: {question}\nParaphrase:"
 
 
 @dataclass
@@ -28,12 +37,12 @@ class Paraphraser:
     temperature: float = 1.5
     top_p: float = 0.9
     max_new_tokens: int = 30
-    batch_size: int = 16
+    batch_size: int = PARAPHRASE_BATCH_SIZE
 
     @property
     def cache_file(self) -> Path:
         settings = f"seed{self.seed}-t{self.temperature}-p{self.top_p}-len{self.max_new_tokens}"
-        return CACHE_DIR / "paraphrases" / safe_name(self.model_name) / f"webqa-{settings}.jsonl"
+        return CACHE_DIR / "paraphrases" / safe_name(self.model_name) / f"webqa-upstream-{settings}.jsonl"
 
     def load_cache(self) -> dict[str, list[str]]:
         if not self.cache_file.exists():
@@ -45,30 +54,31 @@ class Paraphraser:
         text = "".join(json.dumps({"question": q, "paraphrases": p}) + "\n" for q, p in cache.items())
         atomic_write(self.cache_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
-    def prompt_row(self, question: str):
-        shots = "".join(f"Question: {q}\nParaphrase: {p}\n\n" for q, p in PARAPHRASE_EXAMPLES)
-        prefix, _, suffix = encode_prompt(self.tokenizer, f"{PARAPHRASE_INSTRUCTION}\n\n{shots}", [],
-                                          f"Question: {question}\nParaphrase:")
-        return build_row(prefix, [], suffix)
+    def prompt_row(self, question: str, pass_index: int = 0) -> Row:
+        # the whole text tokenised at once, BOS included, as upstream's tokenizer(prompts) call does
+        return build_row(self.tokenizer(paraphrase_prompt(question, pass_index))["input_ids"], [], [])
 
-    def sample(self, questions: list[str], k: int, generator: torch.Generator) -> list[list[str]]:
-        rows = [self.prompt_row(q) for q in questions for _ in range(k)]
+    def sample(self, questions: list[str], pass_index: int) -> list[str]:
+        """One paraphrase per question: the first line of a sample. The seed restarts with every batch, as
+        upstream's set_seed(i) before each batch does."""
+        generator = torch.Generator().manual_seed(self.seed + pass_index)
+        rows = [self.prompt_row(q, pass_index) for q in questions]
         stop = StopRule(eos_ids(self.model, self.tokenizer), self.max_new_tokens)
         outputs, _ = decode(self.model, self.tokenizer, rows, 1, Sampler(generator, self.temperature, self.top_p), stop)
-        texts = [answer_text(self.tokenizer, t)[0] for t in outputs]
-        return [texts[i * k:(i + 1) * k] for i in range(len(questions))]
+        return [answer_text(self.tokenizer, tokens)[0] for tokens in outputs]
 
     def __call__(self, records: list[Record], k: int) -> list[Record]:
-        """Each record with k generated paraphrases after its original question."""
+        """Each record with k generated paraphrases after its original question (paraphrase i from pass i)."""
         cache = self.load_cache()
-        todo = [r.paraphrases[0] for r in records if len(cache.get(r.paraphrases[0], [])) < k]
-        generator = torch.Generator().manual_seed(self.seed)
-        for start in tqdm(range(0, len(todo), self.batch_size), desc="paraphrasing", unit="batch", disable=not todo):
-            batch = todo[start:start + self.batch_size]
-            for question, texts in zip(batch, self.sample(batch, k, generator)):
-                have = cache.get(question, [])  # paraphrases earlier tables used stay as they were
-                cache[question] = have + [t or question for t in texts[:k - len(have)]]
-                if not all(texts):
-                    log.warning("paraphrase: an empty sample for %r was replaced by the question itself", question)
-            self.save_cache(cache)
+        questions = list(dict.fromkeys(r.paraphrases[0] for r in records))
+        for pass_index in range(k):
+            todo = [q for q in questions if len(cache.get(q, [])) == pass_index]  # earlier passes stay as they were
+            for start in tqdm(range(0, len(todo), self.batch_size), desc=f"paraphrasing, pass {pass_index + 1} of {k}",
+                              unit="batch", disable=not todo):
+                batch = todo[start:start + self.batch_size]
+                for question, text in zip(batch, self.sample(batch, pass_index)):
+                    if not text:
+                        log.warning("paraphrase: an empty sample for %r was replaced by the question itself", question)
+                    cache[question] = cache.get(question, []) + [text or question]
+                self.save_cache(cache)
         return [replace(r, paraphrases=[r.paraphrases[0], *cache[r.paraphrases[0]][:k]]) for r in records]

@@ -1,16 +1,23 @@
 """Result tables: rows appended batch by batch to a per-rank partial JSONL (so an interrupted run
 resumes where it stopped), merged at the end into `<name>.feather` plus a readable `<name>.jsonl`,
-scored, and written atomically."""
+scored, and written atomically, readable as the umask says, under a lock while a process writes them."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-import scoring
+from constants import InputError
+
+log = logging.getLogger(__name__)
 
 
 def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], prompts: list[str], seconds: float,
@@ -19,21 +26,56 @@ def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], 
     from decoding import answer_text
     prediction, generation = answer_text(tokenizer, tokens)
     return dict(uuid=record.uuid, paraphrases=paraphrases, prompts=prompts, answers=record.answers,
-                prediction=prediction, generation=generation, seconds=seconds, new_tokens=len(tokens),
+                prediction=prediction, generation=generation, token_ids=list(tokens), seconds=seconds,
+                new_tokens=len(tokens),
                 method=method, num_ensemble=num_ensemble, paraphrase_index=paraphrase_index, **extra)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then move the file into place: readers never see half a file."""
+def current_umask() -> int:
+    """The process umask, read from /proc where Linux has it (os.umask can only read it by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call write(tmp), then move tmp into place: readers never see half a file. The file gets the mode a
+    plain open() would give it (0666 less the umask: 0644 under 022), not mkstemp's private 0600."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable_dir(folder: Path, flag: str = "--output-dir") -> None:
+    """`folder` is, or can be created as, a folder this process may write into; else InputError. Creates nothing."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing and not existing.is_symlink():
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
+        raise InputError(f"{flag} {folder}: {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "on a read-only file system" if read_only else "not writable by this user"
+        raise InputError(f"{flag} {folder}: {existing} is {why}")
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
@@ -54,8 +96,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def check_settings(path: Path, settings: dict, write: bool = True) -> None:
     """A table is only resumed with the settings that made it: they are kept beside it."""
-    from constants import InputError
     sidecar = path.with_suffix(".settings.json")
+    settings = json.loads(json.dumps(settings, default=str))  # compared as they are kept: JSON values
     if sidecar.exists():
         kept = json.loads(sidecar.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(kept) | set(settings) if kept.get(k) != settings.get(k))
@@ -65,6 +107,100 @@ def check_settings(path: Path, settings: dict, write: bool = True) -> None:
     elif write:
         text = json.dumps(settings, indent=1, sort_keys=True, default=str)
         atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+class TableLock:
+    """`<stem>.rank<r>.lock` beside a table while a process writes it. A second live writer of the same
+    table is refused in one line; the lock of a killed process is taken over, since the kernel drops a
+    dead process's flock (the file it leaves only names it)."""
+
+    def __init__(self, path: Path, rank: int = 0):
+        self.table = Path(path)
+        self.file = self.table.with_name(f"{self.table.stem}.rank{rank}.lock")
+        self.fd: int | None = None
+
+    def refusal(self, holder: str) -> InputError:
+        return InputError(f"{self.table} is being written by another process ({holder or 'unknown'}; lock "
+                          f"{self.file.name}); wait for it to finish or use another --output-dir")
+
+    def holder(self) -> str | None:
+        """Who holds the lock now, without taking it or creating anything; None when nobody does."""
+        try:
+            fd = os.open(self.file, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                return None  # no flock on this file system: acquire() judges by the pid
+            return os.read(fd, 200).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> "TableLock":
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                text = os.read(fd, 200).decode(errors="replace").strip()
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES) or self.pid_alive(text):
+                    raise self.refusal(text) from None
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)  # no flock here: the pid said it is free
+                break
+            try:  # the previous holder may have removed the file we opened: lock the one on disk instead
+                if os.fstat(fd).st_ino == os.stat(self.file).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        stale = os.read(fd, 200).decode(errors="replace").strip()
+        if stale:
+            log.warning("%s: taking over the lock left by %s, which is no longer running", self.table.name, stale)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def pid_alive(text: str) -> bool:
+        """For file systems without flock: whether the process a lock file names ("pid P on HOST") runs."""
+        parts = text.split()
+        if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
+            return False  # nothing readable: nobody to wait for
+        if parts[3] != socket.gethostname():
+            return True  # another machine's process: it cannot be checked from here, so it counts as live
+        pid = int(parts[1])
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.file.unlink()  # before unlocking: a waiter that locked this inode sees it is gone and retries
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "TableLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class ResultWriter:
@@ -121,6 +257,7 @@ class ResultWriter:
         rank = {u: i for i, u in enumerate(order)}
         df = df.assign(_order=df["uuid"].map(rank).fillna(len(rank)))
         df = df.sort_values(["_order", "paraphrase_index"], kind="stable").drop(columns="_order")
+        import scoring  # spaCy loads only when a table is scored
         df = scoring.score_frame(df.drop(columns=["exact", "partial"], errors="ignore"))
         write_table(df, self.path)
         for file in self.partial_files():

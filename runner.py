@@ -4,6 +4,7 @@ and writing the result table."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -12,15 +13,23 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from constants import DATASETS, DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, InputError, safe_name
+from constants import DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS, DATASETS, DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, InputError, safe_name
+from constants import DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P, WEBQA_SAMPLE_FILE
 from dataset import Dataset, Record, load_dataset_by_name
-from results import ResultWriter, check_settings
+from results import ResultWriter, TableLock, check_settings, check_writable_dir
 
 log = logging.getLogger("self_ensemble")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported as one line (naming --help), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = OneLineParser(description=description)
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=DATASETS)
     p.add_argument("--data-file", "--data_file", help="local data: JSONL for jsonl/webqa_sample/myriadlama, "
                    "WebQuestions JSON, or a datasets save_to_disk folder")
@@ -35,8 +44,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "--output_dir", help="default results/<dataset>/<model>/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--paraphrase-temperature", type=float, default=1.5, help="webqa: sampling temperature of paraphrasing")
-    p.add_argument("--paraphrase-top-p", type=float, default=0.9, help="webqa: top-p of paraphrasing")
+    p.add_argument("--paraphrase-temperature", type=float, default=DEFAULT_PARAPHRASE_TEMPERATURE,
+                   help="webqa: sampling temperature of paraphrasing")
+    p.add_argument("--paraphrase-top-p", type=float, default=DEFAULT_PARAPHRASE_TOP_P, help="webqa: top-p of paraphrasing")
     return p
 
 
@@ -54,23 +64,81 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def load_job(args, num_paraphrases: int, attn_implementation: str = "sdpa"):
-    """(dataset, model, tokenizer), all checked before anything is written."""
-    from models import load_model
-    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples"):
+def check_flags(args) -> torch.device:
+    """Every flag on its own and together, before anything is read or loaded; returns the device."""
+    from models import check_device_map, check_model_name, resolve_device
+    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples", "num_ensemble", "num_paraphrases"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be at least 1")
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.paraphrase_temperature <= 0 or not 0 < args.paraphrase_top_p <= 1:
         raise InputError("--paraphrase-temperature must be > 0 and --paraphrase-top-p in (0, 1]")
+    device = resolve_device(args.device)
+    check_device_map(args.device_map)
+    if getattr(args, "compile", None) == "on":
+        if getattr(args, "attn", None) == "sdpa" or (getattr(args, "attn", None) == "auto" and device.type != "cuda"):
+            raise InputError(f"--compile on applies to --attn flex only (--attn {args.attn} is sdpa here); "
+                             f"drop it or choose --attn flex")
+        if device.type != "cuda":
+            raise InputError("--compile on: compiled FlexAttention fails on CPU with growing decode shapes (an "
+                             "inductor C++ error in torch 2.13); use --compile off (eager flex) or --attn sdpa")
+    check_model_name(args.model)
+    return device
+
+
+def data_path(args) -> Path | None:
+    """The local file or folder the data is read from, where there is one (the hub's datasets have none)."""
+    if args.data_file:
+        return Path(args.data_file)
+    if args.dataset == "webqa_sample":
+        return WEBQA_SAMPLE_FILE
+    if args.dataset in ("webqa", "myriadlama"):
+        from dataset import downloaded
+        return downloaded(args.dataset)
+    return None
+
+
+def read_data(args, num_paraphrases: int, paraphraser=None) -> Dataset:
+    """The dataset, with a file that cannot be read (not UTF-8, not readable) reported in one line naming it."""
+    extra = {"paraphrase_set": args.paraphrases} if getattr(args, "paraphrases", None) is not None else {}
+    where = data_path(args) or args.dataset
+    try:
+        dataset = load_dataset_by_name(args.dataset, args.data_file, args.task, num_paraphrases, paraphraser,
+                                       args.limit, **extra)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                         f"save it as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"{where}: cannot read it ({type(err).__name__}: {err.strerror or err})") from None
+    for record in dataset.records:
+        if not any(isinstance(a, str) and a.strip() for a in record.answers):
+            raise InputError(f"{where}: question {record.uuid!r} has no gold answer ('answers' is empty), "
+                             f"so it could never be scored correct")
+    return dataset
+
+
+def load_job(args, num_paraphrases: int, table: Path | None = None):
+    """(dataset, model, tokenizer). All the user's input is checked before the model loads: the flags, the
+    output folder (writable; `table`, if given, not being written by another process) and the data.
+    WebQA's paraphrases are made by the model, so only they wait for it."""
+    from models import load_model
+    device = check_flags(args)
     state = process_state()
-    device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
-    model, tokenizer = load_model(args.model, device, args.dtype, attn_implementation, args.device_map)
-    paraphraser = None
-    if args.dataset == "webqa":
+    if args.device == "auto" and state.num_processes > 1:
+        device = state.device
+    check_writable_dir(output_dir(args))
+    if table is not None:
+        lock = TableLock(table, state.process_index)
+        holder = lock.holder()
+        if holder is not None:
+            raise lock.refusal(holder)
+    model_paraphrases = args.dataset == "webqa" and num_paraphrases > 1
+    dataset = read_data(args, 1 if model_paraphrases else num_paraphrases)
+    model, tokenizer = load_model(args.model, str(device), args.dtype, device_map=args.device_map)
+    if model_paraphrases:
         from paraphrase import Paraphraser
         paraphraser = Paraphraser(model, tokenizer, args.model, seed=args.seed,
                                   temperature=args.paraphrase_temperature, top_p=args.paraphrase_top_p)
-    dataset = load_dataset_by_name(args.dataset, args.data_file, args.task, num_paraphrases, paraphraser, args.limit)
+        dataset = read_data(args, num_paraphrases, paraphraser)
     return dataset, model, tokenizer
 
 
@@ -81,36 +149,75 @@ def check_prompts(model, dataset: Dataset, rows_of: Callable[[Record], list], ma
         check_context(model, rows_of(record), max_new_tokens, record.uuid)
 
 
-def output_settings(args) -> dict:
-    """The flags that change what a table holds (not batch size, device or where it goes)."""
-    ignored = {"batch_size", "no_progress", "output_dir", "device", "device_map", "limit", "attn", "compile"}
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ignored}
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative paths and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(f"{file.relative_to(path).as_posix()}\n".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
-def run_job(args, dataset: Dataset, path: Path, answer_batch: Callable[[list[Record]], list[dict]]):
+def data_fingerprint(args) -> str:
+    """The data's content hash (an edited data file makes another table), or the hub id it came from."""
+    path = data_path(args)
+    if path is not None and path.exists():
+        return f"sha256:{file_sha256(path)}"
+    return f"hub:{args.dataset}"
+
+
+def output_settings(args, model=None, settings: dict | None = None) -> dict:
+    """What a table's rows depend on, kept beside it and compared on resume: the flags that change answers
+    (not batch size, progress, where it goes, how many questions or the data file's path), the data's
+    content hash, the resolved dtype and device type, the model's revision where known, and the
+    attention backend and compile mode (`settings`, as the script resolved them; else its flags)."""
+    from models import model_revision, resolve_device, resolve_dtype
+    ignored = {"batch_size", "no_progress", "output_dir", "device", "device_map", "limit", "data_file", "dtype"}
+    out = {k: v for k, v in vars(args).items() if k not in ignored}
+    out["data"] = data_fingerprint(args)
+    if model is not None:
+        out.update(dtype=str(model.dtype).removeprefix("torch."), device=model.device.type,
+                   model_revision=model_revision(model))
+    else:
+        device = resolve_device(args.device)
+        out.update(dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."), device=device.type)
+    out.update(settings or {})
+    return dict(sorted(out.items()))
+
+
+def run_job(args, dataset: Dataset, path: Path, answer_batch: Callable[[list[Record]], list[dict]], *,
+            model=None, settings: dict | None = None):
     """Answer every question not already in `path`, `args.batch_size` at a time, on this process's
-    shard; rank 0 merges all shards into the final table. Returns the table (rank 0) or None."""
+    shard; rank 0 merges all shards into the final table. Returns the table (rank 0) or None.
+    `model` (the loaded one) and `settings` (e.g. {"attn": "flex", "compile": True}) complete the
+    settings the table is kept with (see `output_settings`). The table is locked while this runs."""
     state = process_state()
     torch.manual_seed(args.seed)
-    check_settings(path, output_settings(args), write=state.is_main_process)
-    writer = ResultWriter(path, state.process_index)
-    done = writer.done_uuids()
-    shard = dataset.records[state.process_index::state.num_processes]
-    todo = [r for r in shard if r.uuid not in done]
-    if state.num_processes > 1:
-        log.warning("process %d of %d: %d questions in this shard", state.process_index, state.num_processes, len(shard))
-    if len(todo) < len(shard):
-        log.warning("%s: resuming, %d of %d questions already done", path.name, len(shard) - len(todo), len(shard))
-    with tqdm(total=len(shard), initial=len(shard) - len(todo), desc=path.stem, unit="q",
-              disable=args.no_progress or not state.is_local_main_process) as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            writer.append(answer_batch(batch))
-            bar.update(len(batch))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    df = writer.finish([r.uuid for r in dataset.records])
+    with TableLock(path, state.process_index):
+        check_settings(path, output_settings(args, model, settings), write=state.is_main_process)
+        writer = ResultWriter(path, state.process_index)
+        done = writer.done_uuids()
+        shard = dataset.records[state.process_index::state.num_processes]
+        todo = [r for r in shard if r.uuid not in done]
+        if state.num_processes > 1:
+            log.warning("process %d of %d: %d questions in this shard", state.process_index, state.num_processes,
+                        len(shard))
+        if len(todo) < len(shard):
+            log.warning("%s: resuming, %d of %d questions already done", path.name, len(shard) - len(todo), len(shard))
+        with tqdm(total=len(shard), initial=len(shard) - len(todo), desc=path.stem, unit="q",
+                  disable=args.no_progress or not state.is_local_main_process) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start:start + args.batch_size]
+                writer.append(answer_batch(batch))
+                bar.update(len(batch))
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        df = writer.finish([r.uuid for r in dataset.records])
     print(f"{path.stem}: {len(df)} rows, exact {df['exact'].mean():.3f}, partial {df['partial'].mean():.3f} -> {path}")
     return df
 
@@ -122,6 +229,21 @@ def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
         try:
             return main(argv)
         except InputError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
             return EXIT_BAD_INPUT
     return guarded
+
+
+def add_fusion_flags(p: argparse.ArgumentParser) -> None:
+    """The attention-level flags shared by flex_attention_generate.py and debug_flexattention.py."""
+    p.add_argument("--num-paraphrases", "--num_paraphrases", type=int, default=5, help="paraphrases per question (N)")
+    p.add_argument("--positions", choices=["left", "right", "continuous", "aligned"], default=DEFAULT_POSITIONS,
+                   help="left (alias aligned): every paraphrase starts after the prefix; right: every paraphrase "
+                        "ends before the answer cue; continuous: 0..L-1 (upstream)")
+    p.add_argument("--attn", choices=["auto", "flex", "sdpa"], default="auto",
+                   help="flex: FlexAttention BlockMask; sdpa: the same mask dense (reference backend); auto: flex "
+                        "on CUDA, sdpa on CPU")
+    p.add_argument("--fusion-bias", choices=["none", "uniform", "confidence"], default=DEFAULT_FUSION_BIAS,
+                   help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight)")
+    p.add_argument("--fusion-temperature", type=float, default=DEFAULT_FUSION_TEMPERATURE,
+                   help="the answer's scores on paraphrase keys divided by T (APE); 1: off")

@@ -75,10 +75,9 @@ def _as_list(answers: Iterable[str] | str | None) -> list[str]:
     return []
 
 
-def exact_match(prediction: str, answers: Iterable[str] | str) -> bool:
-    """The normalised prediction equals some normalised answer."""
-    pred = normalize(prediction or "")
-    return bool(pred) and any(pred == normalize(a) for a in _as_list(answers) if normalize(a))
+def _exact(prediction: str, answers: list[str]) -> bool:
+    """exact_match on normalised texts."""
+    return bool(prediction) and any(prediction == a for a in answers if a)
 
 
 def _contains(haystack: tuple[str, ...], needle: tuple[str, ...]) -> bool:
@@ -86,30 +85,47 @@ def _contains(haystack: tuple[str, ...], needle: tuple[str, ...]) -> bool:
     return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
+def _partial(prediction: tuple[str, ...], answers: list[tuple[str, ...]]) -> bool:
+    """partial_match on lemma sequences."""
+    return any(_contains(prediction, a) for a in answers)
+
+
+def exact_match(prediction: str, answers: Iterable[str] | str) -> bool:
+    """The normalised prediction equals some normalised answer."""
+    return _exact(normalize(prediction or ""), [normalize(a) for a in _as_list(answers)])
+
+
 def partial_match(prediction: str, answers: Iterable[str] | str) -> bool:
     """Some answer's lemma sequence is a contiguous span of the prediction's lemmas."""
     answers = _as_list(answers)
-    if not prediction or not answers:
-        return False
-    table = _lemma_map([prediction, *answers])
-    return any(_contains(table[prediction], table[a]) for a in answers)
+    table = _lemma_map([prediction or "", *answers])
+    return _partial(table[prediction or ""], [table[a] for a in answers])
 
 
-def same_answer(a: str, b: str) -> bool:
-    """Two answers agree when their lemma sequences are equal."""
-    table = _lemma_map([a or "", b or ""])
-    return table[a or ""] == table[b or ""]
+def upstream_matched(pred: list[str] | tuple[str, ...], gold: list[str] | tuple[str, ...]) -> bool:
+    """Upstream's `utils.is_matched_str(pred, gold, birdirectional=True)`, token for token: gold's tokens
+    joined equal a window of pred's, or pred's joined equal a window of gold's. So an empty sequence
+    agrees with any non-empty one, and two empty ones do not agree."""
+    if any(" ".join(gold) == " ".join(pred[i:i + len(gold)]) for i in range(len(pred))):
+        return True
+    return any(" ".join(pred) == " ".join(gold[i:i + len(pred)]) for i in range(len(gold)))
+
+
+def answers_agree(greedy: str, samples: list[str]) -> list[bool]:
+    """Whether each sampled answer agrees with the greedy one as upstream's confidence counts it: either
+    answer's normalised lemmas contain the other's (`upstream_matched`). One batched lemmatiser call."""
+    table = _lemma_map([greedy or "", *(s or "" for s in samples)])
+    return [upstream_matched(table[greedy or ""], table[s or ""]) for s in samples]
 
 
 def score_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Copy of `df` with boolean `exact` and `partial` from `prediction` and `answers`."""
+    """Copy of `df` with boolean `exact` and `partial` from `prediction` and `answers`: exact_match and
+    partial_match, with every distinct text normalised and lemmatised once (one nlp.pipe batch)."""
     out = df.copy()
     preds = [p if isinstance(p, str) else "" for p in out["prediction"]]
     answers = [_as_list(a) for a in out["answers"]]
     table = _lemma_map([*preds, *(a for row in answers for a in row)])
     norm = {t: normalize(t) for t in table}
-    out["exact"] = [
-        bool(norm[p]) and any(norm[p] == norm[a] for a in row if norm[a]) for p, row in zip(preds, answers)
-    ]
-    out["partial"] = [bool(p) and any(_contains(table[p], table[a]) for a in row) for p, row in zip(preds, answers)]
+    out["exact"] = [_exact(norm[p], [norm[a] for a in row]) for p, row in zip(preds, answers)]
+    out["partial"] = [_partial(table[p], [table[a] for a in row]) for p, row in zip(preds, answers)]
     return out

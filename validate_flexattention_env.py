@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -23,11 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from constants import (CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MYRIADLAMA_FIXTURE_FILE,
-                       REPO_DIR, WEBQA_SAMPLE_FILE)
+from constants import (CACHE_DIR, DATA_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MYRIADLAMA_FIXTURE_FILE,
+                       REPO_DIR, WEBQA_SAMPLE_FILE, first_line)
 
 HUB_TIMEOUT_S = 3.0          # the hub check never waits longer than this (plus DNS, bounded by a thread join)
-SHARED_WEBQUESTIONS = REPO_DIR.parent / "shared" / "data" / "webquestions"
+REQUIREMENTS_FILE = REPO_DIR / "requirements.txt"
+BUNDLED_WEBQUESTIONS = DATA_DIR / "webquestions"
 GIB = 1024 ** 3
 
 
@@ -39,9 +41,21 @@ class Check:
     fix: str = ""
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+def minimum_version(package: str) -> tuple[int, ...]:
+    """The floor requirements.txt sets for `package`: one source of truth for install and check."""
+    for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines():
+        match = re.match(rf"{re.escape(package)}\s*>=\s*([\d.]+)", line.strip())
+        if match:
+            return version_tuple(match.group(1))
+    raise RuntimeError(f"{REQUIREMENTS_FILE} has no '{package}>=' line")
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
 
 
 # ---------------------------------------------------------------- versions
@@ -55,18 +69,19 @@ def check_python() -> Check:
 
 def check_torch() -> Check:
     import torch
-    major_minor = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    if major_minor < (2, 5):
-        return Check("torch", "fail", f"{torch.__version__}: FlexAttention needs 2.5+", "pip install -U 'torch>=2.5'")
+    floor = minimum_version("torch")
+    if version_tuple(torch.__version__) < floor:  # FlexAttention with any GQA ratio (pytorch#151359)
+        return Check("torch", "fail", f"{torch.__version__}: the toolkit needs {dotted(floor)}+",
+                     f"pip install -U 'torch>={dotted(floor)}'")
     return Check("torch", "pass", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
 
 
 def check_transformers() -> Check:
     import transformers
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:  # the decode loop passes `cache=` and reads `.cache`: the transformers 5 interface
-        return Check("transformers", "fail", f"{transformers.__version__}: the toolkit uses the 5.x cache interface",
-                     "pip install -U 'transformers>=5'")
+    floor = minimum_version("transformers")
+    if version_tuple(transformers.__version__) < floor:  # the decode loop passes `cache=` and reads `.cache`
+        return Check("transformers", "fail", f"{transformers.__version__}: the toolkit needs {dotted(floor)}+",
+                     f"pip install -U 'transformers>={dotted(floor)}'")
     return Check("transformers", "pass", transformers.__version__)
 
 
@@ -89,7 +104,7 @@ def flex_vs_sdpa(compiled: bool, dynamic: bool = True) -> tuple[float, float]:
     from torch.nn.attention.flex_attention import flex_attention
 
     from decoding import build_row, pad_left
-    from flex_attention_generate import build_block_mask, build_dense_mask, segment_mask_mod
+    from segment_mask import build_block_mask, build_dense_mask, segment_mask_mod
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row = build_row([1] * 6, [[1] * 4, [1] * 7, [1] * 3], [1] * 3)
@@ -236,17 +251,16 @@ def check_bundled_data() -> Check:
 
 
 def check_local_datasets() -> Check:
-    """Full datasets without the hub: the ../shared WebQuestions copy, download_resources.sh's folders."""
+    """Full datasets without the hub: the bundled WebQuestions copy, download_resources.sh's folders."""
     found = []
-    if (SHARED_WEBQUESTIONS / "test.json").is_file():
-        found.append(f"WebQuestions copy {SHARED_WEBQUESTIONS} (--dataset webqa --data-file "
-                     f"{SHARED_WEBQUESTIONS / 'test.json'})")
+    if (BUNDLED_WEBQUESTIONS / "test.json").is_file():
+        found.append(f"bundled WebQuestions {BUNDLED_WEBQUESTIONS.relative_to(REPO_DIR)} (--dataset webqa offline)")
     for name in ("webqa", "myriadlama"):
         folder = CACHE_DIR / "datasets" / name
         if folder.is_dir():
             found.append(f"{name} at {folder} (--data-file {folder})")
     if not found:
-        return Check("local_datasets", "warn", f"no local webqa/myriadlama copy ({SHARED_WEBQUESTIONS}, "
+        return Check("local_datasets", "warn", f"no local webqa/myriadlama copy ({BUNDLED_WEBQUESTIONS}, "
                      f"{CACHE_DIR / 'datasets'}); they load from the hub", "./download_resources.sh --dataset webqa "
                      "(where online); the bundled webqa_sample works offline")
     return Check("local_datasets", "pass", "; ".join(found))

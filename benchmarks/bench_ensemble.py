@@ -8,11 +8,11 @@ Methods, all greedy, all decoding exactly --max-new-tokens tokens (EOS ignored, 
   single_generate     (1) transformers `model.generate`, batch 1, the original question's prompt only
   upstream_nocache    (2) the upstream algorithm, written here as the reference: no KV cache, the whole
                           sequence re-run at every step, one forward per paraphrase per step, batch 1,
-                          log-softmax averaged over the N paraphrases (generate.fuse_logits "avg")
-  logit_avg           (3) ours, logit level: generate.answer_ensemble (N rows, batched, KV cache)
-  attn_sdpa           (4) ours, attention level: flex_attention_generate.answer_fused, dense SDPA mask
+                          log-softmax averaged over the N paraphrases (methods.fuse_logits "avg")
+  logit_avg           (3) ours, logit level: methods.answer_ensemble (N rows, batched, KV cache)
+  attn_sdpa           (4) ours, attention level: methods.answer_fused, dense SDPA mask
   attn_flex               the same with FlexAttention, eager (unfused on CPU)
-  attn_flex_compiled      the same with FlexAttention under torch.compile (enable_flex(compile=True))
+  attn_flex_compiled      the same with FlexAttention under torch.compile (SegmentMask(compile=True))
 plus ours at batch size 8 (…_bs8) and ours at N = 1, 3, 10 (…_n1 …); N above the number of stored
 paraphrases repeats them cyclically (said in the output).
 
@@ -45,7 +45,6 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from unittest import mock
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 if str(REPO_DIR) not in sys.path:
@@ -54,12 +53,10 @@ if str(REPO_DIR) not in sys.path:
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-import decoding  # noqa: E402
-import flex_attention_generate as fag  # noqa: E402
-import generate  # noqa: E402
-from constants import DATASETS, DEFAULT_DATASET, EMBEDDED_MODEL, EXIT_BAD_INPUT, InputError  # noqa: E402
+from constants import DATASETS, DEFAULT_DATASET, EMBEDDED_MODEL, EXIT_BAD_INPUT, InputError, first_line  # noqa: E402
 from dataset import Dataset, Record, load_dataset_by_name  # noqa: E402
 from decoding import StopRule, single_rows  # noqa: E402
+from methods import answer_ensemble, answer_fused, fuse_logits  # noqa: E402
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 DEFAULT_OUTPUT = REPO_DIR / "benchmarks" / "results"
@@ -115,7 +112,6 @@ class Bench:
         self.model, self.tok, self.dataset, self.stop, self.args = model, tokenizer, dataset, stop, args
         self.datasets: dict[int, Dataset] = {}
         self.notes: list[str] = []
-        self.flex_fns: dict[bool, object] = {}
         self.forward_tokens = 0
         self.forward_calls = 0
         model.register_forward_pre_hook(self._count, with_kwargs=True)
@@ -140,34 +136,6 @@ class Bench:
             self.datasets[n] = dataclasses.replace(self.dataset, records=records)
         return self.datasets[n]
 
-    # -- backends
-
-    def use_backend(self, method: str) -> None:
-        """sdpa for everything but the flex cases; flex: our registered attention with the right flex fn."""
-        if method.startswith("attn_flex"):
-            compiled = method == "attn_flex_compiled"
-            if compiled not in self.flex_fns:
-                try:
-                    fag.enable_flex(self.model, compile=compiled)
-                except InputError as err:
-                    if not (compiled and self.args.force_compile):
-                        raise
-                    # enable_flex refuses compiled flex off CUDA; measure what it would do (same call)
-                    self.notes.append(f"attn_flex_compiled: enable_flex(compile=True) refuses on "
-                                      f"{self.model.device.type} ({str(err).splitlines()[0]}); the benchmark "
-                                      f"compiled flex_attention itself, as enable_flex does on CUDA "
-                                      f"(--no-force-compile: skip)")
-                    print(self.notes[-1], flush=True)
-                    from torch.nn.attention.flex_attention import flex_attention
-                    fag.enable_flex(self.model, compile=False)
-                    fag._flex_fn = torch.compile(flex_attention)
-                self.flex_fns[compiled] = fag._flex_fn
-            fag._flex_fn = self.flex_fns[compiled]  # one compiled wrapper for the whole run (no recompiles)
-            if self.model.config._attn_implementation != fag.FLEX_ATTENTION:
-                self.model.set_attn_implementation(fag.FLEX_ATTENTION)
-        elif self.model.config._attn_implementation != "sdpa":
-            self.model.set_attn_implementation("sdpa")
-
     # -- one batch of questions -> (tokens per question, work)
 
     def run_batch(self, case: Case, batch: list[Record]) -> tuple[list[list[int]], Work]:
@@ -176,24 +144,13 @@ class Bench:
             return self.single_generate(ds, batch)
         if case.method == "upstream_nocache":
             return self.upstream_nocache(ds, batch, case.n)
-        recorded: list[tuple[list[list[int]], decoding.DecodeStats]] = []
-
-        def recording_decode(*a, **k):
-            outputs, stats = decoding.decode(*a, **k)
-            recorded.append((outputs, stats))
-            return outputs, stats
-
         if case.method == "logit_avg":
-            with mock.patch.object(generate, "decode", recording_decode):
-                generate.answer_ensemble(self.model, self.tok, ds, batch, case.n, self.stop, "avg")
+            rows, stats = answer_ensemble(self.model, self.tok, ds, batch, case.n, self.stop, "avg")
         else:
             backend = "sdpa" if case.method == "attn_sdpa" else "flex"
-            with mock.patch.object(fag, "decode", recording_decode):
-                fag.answer_fused(self.model, self.tok, ds, batch, case.n, self.stop, positions="aligned",
-                                 backend=backend)
-        (outputs, stats), = recorded
-        work = Work(stats.prefill_tokens, stats.decode_tokens, stats.steps, 1, 1 + stats.steps)
-        return outputs, work
+            rows, stats = answer_fused(self.model, self.tok, ds, batch, case.n, self.stop, positions="aligned",
+                                       backend=backend, compile=case.method == "attn_flex_compiled")
+        return [r["token_ids"] for r in rows], Work(stats.prefill_tokens, stats.decode_tokens, stats.steps, 1, 1 + stats.steps)
 
     @torch.inference_mode()
     def single_generate(self, ds: Dataset, batch: list[Record]) -> tuple[list[list[int]], Work]:
@@ -226,7 +183,7 @@ class Bench:
                         work.decode_tokens += len(seq)
                     else:
                         work.prefill_tokens += len(seq)
-                token = int(generate.fuse_logits(torch.stack(step_logits).float().unsqueeze(0), "avg")[0])
+                token = int(fuse_logits(torch.stack(step_logits).float().unsqueeze(0), "avg")[0])
                 tokens.append(token)
                 if self.stop.done(tokens, self.tok):
                     break
@@ -240,7 +197,6 @@ class Bench:
 
     def run_pass(self, case: Case, num_questions: int) -> tuple[list[list[int]], Work]:
         """The first `num_questions` questions (with the case's N paraphrases), batch by batch."""
-        self.use_backend(case.method)
         records = self.dataset_for(case.n).records[:num_questions]
         assert all(len(r.paraphrases) >= case.n for r in records), f"{case.name}: fewer than N={case.n} paraphrases"
         outputs, work = [], Work()
@@ -341,11 +297,6 @@ def time_limit(seconds: int | None):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".strip()
 
 
 def build_cases(args) -> list[Case]:
@@ -599,8 +550,6 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compile", action="store_true", help="skip compiled FlexAttention")
-    p.add_argument("--no-force-compile", dest="force_compile", action="store_false",
-                   help="where enable_flex refuses compiled flex (CPU), report the refusal instead of compiling anyway")
     p.add_argument("--compile-timeout", type=int, default=300, help="seconds allowed for compiled flex's warm-up")
     p.add_argument("--cases", help="comma-separated case names to run (default: all)")
     p.add_argument("--profile", metavar="CASE", help="profile one case (torch.profiler + cProfile) instead of the benchmark")
@@ -667,7 +616,6 @@ def run(args, argv) -> int:
     print("\n".join(header), flush=True)
     if args.profile:
         case = next(c for c in cases if c.name == args.profile)
-        bench.use_backend(case.method)
         print(profile_case(bench, case, records, out_dir, args.profile_top))
         return 0
     print(f"timing {len(cases)} cases x {args.repeats} repeats (round-robin; upstream_nocache {args.upstream_repeats}), "

@@ -1,6 +1,7 @@
 """Loaders on their fixtures, prompt building, and every bad input as one line with exit code 2."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from constants import MYRIADLAMA_FIXTURE_FILE, QA_INSTRUCTION, REPO_DIR, WEBQA_SAMPLE_FILE, InputError
+from constants import MYRIADLAMA_FIXTURE_FILE, QA_INSTRUCTION, REPO_DIR, WEBQA_BUNDLED_DIR, InputError
 from dataset import load_dataset_by_name
 
-SHARED_WEBQ = REPO_DIR.parent / "shared" / "data" / "webquestions" / "test.json"
+BUNDLED_WEBQ = WEBQA_BUNDLED_DIR / "test.json"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -30,9 +31,8 @@ def test_bundled_webqa_sample():
     ds = load_dataset_by_name("webqa_sample", num_paraphrases=6)
     assert len(ds.records) == 100 and len(ds.few_shot) == 5
     assert all(len(r.paraphrases) == 6 and len(set(r.paraphrases)) == 6 for r in ds.records)
-    original = json.loads(SHARED_WEBQ.read_text())[0] if SHARED_WEBQ.exists() else None
-    if original:  # the first paraphrase is WebQuestions' own question, answers kept whole
-        assert ds.records[0].paraphrases[0] == original["qText"] and ds.records[0].answers == original["answers"]
+    original = json.loads(BUNDLED_WEBQ.read_text())[0]  # the first paraphrase is WebQuestions' own question
+    assert ds.records[0].paraphrases[0] == original["qText"] and ds.records[0].answers == original["answers"]
 
 
 def test_qa_prompt_parts_and_full_prompt():
@@ -72,10 +72,11 @@ def test_jsonl_few_shot_from_train_rows_or_first_five(tmp_path, caplog):
     assert "first 5 rows" in caplog.text
 
 
-@pytest.mark.skipif(not SHARED_WEBQ.exists(), reason="../shared/data/webquestions is not beside the checkout")
 def test_webqa_from_the_local_copy_without_paraphrasing():
-    ds = load_dataset_by_name("webqa", str(SHARED_WEBQ), num_paraphrases=1, limit=3)
-    assert [r.uuid for r in ds.records] == ["wqs000000", "wqs000001", "wqs000002"] and len(ds.few_shot) == 5
+    ds = load_dataset_by_name("webqa", str(BUNDLED_WEBQ), num_paraphrases=1, limit=3)
+    questions = [r["qText"] for r in json.loads(BUNDLED_WEBQ.read_text())[:3]]
+    assert [r.uuid for r in ds.records] == [hashlib.md5(q.encode()).hexdigest() for q in questions]  # upstream's uuid
+    assert len(ds.few_shot) == 5
 
 
 BAD_INPUTS = {

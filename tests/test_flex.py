@@ -10,8 +10,9 @@ from transformers import DynamicCache
 
 from conftest import cached_tiny, generate_reference
 from dataset import Dataset, Record
-from decoding import FUSED_SEGMENT, StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left
-from flex_attention_generate import SegmentMask, answer_fused, build_dense_mask, enable_flex, segment_mask_mod
+from decoding import StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left, prefill
+from methods import answer_fused as answer_fused_with_stats
+from segment_mask import FLEX_ATTENTION, FUSED_SEGMENT, SegmentMask, build_dense_mask, segment_mask_mod
 
 MAX_NEW = 6
 
@@ -20,13 +21,16 @@ def no_stop() -> StopRule:
     return StopRule(set(), MAX_NEW, first_line_only=False)
 
 
-def prefill(model, rows, backend="sdpa", biases=None):
-    """Run the fused layout once; return (cache, last logits, padded ids)."""
+def answer_fused(*args, **kwargs) -> list[dict]:
+    return answer_fused_with_stats(*args, **kwargs)[0]
+
+
+def fused_prefill(model, rows, backend="sdpa", biases=None, temperature=1.0):
+    """Run the fused layout once; return (cache, all logits, padded ids)."""
     ids, pos, seg = pad_left(rows, 0, model.device)
-    mask = SegmentMask(seg, MAX_NEW, backend, biases)
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        logits = model(input_ids=ids, position_ids=pos, cache=cache, **mask.prefill()).logits
+    mask = SegmentMask(seg, MAX_NEW, backend, biases, temperature=temperature)
+    with mask.attention(model):
+        logits, cache = prefill(model, ids, pos, mask.prefill(), logits_to_keep=0)
     return cache, logits, ids
 
 
@@ -37,7 +41,7 @@ def test_each_paraphrase_is_encoded_as_if_alone(tiny, small_dataset):
     records = small_dataset.records[:2]
     parts = [small_dataset.prompt_parts(r, 3) for r in records]
     rows = [fused_row(tokenizer, p) for p in parts]
-    cache, _, ids = prefill(model, rows)
+    cache, _, ids = fused_prefill(model, rows)
     width = ids.shape[1]
     for b, p in enumerate(parts):
         prefix, segments, _ = encode_prompt(tokenizer, p.prefix, p.segments, p.suffix)
@@ -63,54 +67,77 @@ def test_one_paraphrase_equals_plain_greedy_decoding(tiny, small_dataset):
     assert out["generation"] == tokenizer.decode(ref, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("bias", ["none", "uniform"])
-def test_flex_and_sdpa_agree(small_dataset, bias):
-    """The same mask rendered as a BlockMask (FlexAttention) and as a dense SDPA mask, on one model
-    switched between the two attention functions."""
+@pytest.mark.parametrize("bias, positions, temperature", [
+    ("none", "left", 1.0), ("uniform", "left", 1.0), ("uniform", "right", 1.0), ("none", "right", 0.5),
+    ("uniform", "continuous", 2.0)])
+def test_flex_and_sdpa_agree(small_dataset, bias, positions, temperature):
+    """The same mask (and score changes) rendered as a BlockMask with a score_mod (FlexAttention) and
+    as a dense mask (SDPA, or written-out scores with a temperature), on one model."""
     for family in ("llama", "qwen2", "qwen3"):
         model, tokenizer = cached_tiny(family)
-        rows = [fused_row(tokenizer, small_dataset.prompt_parts(r, 3)) for r in small_dataset.records]
+        rows = [fused_row(tokenizer, small_dataset.prompt_parts(r, 3), positions) for r in small_dataset.records]
         biases = torch.full((3, 3), -math.log(3)) if bias == "uniform" else None
-        _, dense_logits, _ = prefill(model, rows, "sdpa", biases)
+        _, dense_logits, _ = fused_prefill(model, rows, "sdpa", biases, temperature)
+        kwargs = dict(positions=positions, fusion_bias=bias, temperature=temperature)
         sdpa_out = answer_fused(model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
-                                backend="sdpa", fusion_bias=bias)
-        enable_flex(model, compile=False)
-        try:
-            _, flex_logits, _ = prefill(model, rows, "flex", biases)
-            flex_out = answer_fused(model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
-                                    backend="flex", fusion_bias=bias)
-        finally:
-            model.set_attn_implementation("sdpa")
+                                backend="sdpa", **kwargs)
+        _, flex_logits, _ = fused_prefill(model, rows, "flex", biases, temperature)
+        flex_out = answer_fused(model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
+                                backend="flex", **kwargs)
+        assert model.config._attn_implementation == "sdpa"  # flex was scoped to its own decode
         assert (flex_logits - dense_logits).abs().max() <= 1e-4
         assert [r["generation"] for r in flex_out] == [r["generation"] for r in sdpa_out]
 
 
-@pytest.mark.parametrize("positions", ["aligned", "continuous"])
-def test_cached_decoding_equals_full_recompute(tiny, small_dataset, positions):
+@pytest.mark.parametrize("positions, temperature", [("left", 1.0), ("right", 1.0), ("continuous", 1.0), ("right", 0.5)])
+def test_cached_decoding_equals_full_recompute(tiny, small_dataset, positions, temperature):
     """Each step re-run on the whole sequence with the mask extended to the generated tokens."""
     model, tokenizer = tiny
     record = small_dataset.records[1]
     row = fused_row(tokenizer, small_dataset.prompt_parts(record, 3), positions)
-    cached, _ = decode(model, tokenizer, [row], 1, greedy, no_stop(), SegmentMask, {"backend": "sdpa"})
+    biases = torch.full((1, 3), -math.log(3))
+    cached, _ = decode(model, tokenizer, [row], 1, greedy, no_stop(), SegmentMask,
+                       {"backend": "sdpa", "biases": biases, "temperature": temperature})
     generated: list[int] = []
     next_pos = max(row.position_ids) + 1
     for _ in range(MAX_NEW):
         ids = torch.tensor([row.input_ids + generated])
         pos = torch.tensor([row.position_ids + list(range(next_pos, next_pos + len(generated)))])
         seg = torch.tensor([row.segment_ids + [FUSED_SEGMENT] * len(generated)])
-        mask = SegmentMask(seg, 0, "sdpa")
-        with torch.inference_mode():
+        mask = SegmentMask(seg, 0, "sdpa", biases, temperature=temperature)
+        with torch.inference_mode(), mask.attention(model):
             logits = model(input_ids=ids, position_ids=pos, **mask.prefill()).logits[0, -1]
         generated.append(logits.argmax().item())
     assert cached[0] == generated
 
 
+@pytest.mark.parametrize("positions", ["left", "right"])
+def test_identical_copies_equal_the_single_prompt(tiny, positions):
+    """With the -log N bias, N copies of one paraphrase fused are that paraphrase alone: same logits
+    (1e-4) at every step, same tokens. Without the bias they are not: the question would get N times
+    the attention weight of the instruction."""
+    model, tokenizer = tiny
+    question = "who painted the mona lisa?"
+    copies = Dataset("t", "qa", [Record("c", [question] * 4, ["Leonardo"])], [("2+2?", "4")])
+    single_row = fused_row(tokenizer, copies.prompt_parts(copies.records[0], 1), positions)
+    fused = fused_row(tokenizer, copies.prompt_parts(copies.records[0], 4), positions)
+    _, alone, _ = fused_prefill(model, [single_row])
+    _, biased, _ = fused_prefill(model, [fused], "sdpa", torch.full((1, 4), -math.log(4)))
+    _, unbiased, _ = fused_prefill(model, [fused], "sdpa")
+    assert (biased[0, -1] - alone[0, -1]).abs().max() <= 1e-4
+    assert (unbiased[0, -1] - alone[0, -1]).abs().max() > 1e-3
+    out = answer_fused(model, tokenizer, copies, copies.records, 4, no_stop(), positions=positions,
+                       fusion_bias="uniform")[0]
+    assert out["token_ids"] == generate_reference(model, tokenizer, single_row.input_ids, MAX_NEW)
+
+
 def test_batch_composition_changes_nothing(tiny, small_dataset):
     model, tokenizer = tiny
     records = small_dataset.records
-    for bias in ("none", "uniform"):
-        together = answer_fused(model, tokenizer, small_dataset, records, 3, no_stop(), fusion_bias=bias)
-        alone = [answer_fused(model, tokenizer, small_dataset, [r], 3, no_stop(), fusion_bias=bias)[0] for r in records]
+    for bias, positions in (("none", "left"), ("uniform", "right")):
+        kwargs = dict(fusion_bias=bias, positions=positions)
+        together = answer_fused(model, tokenizer, small_dataset, records, 3, no_stop(), **kwargs)
+        alone = [answer_fused(model, tokenizer, small_dataset, [r], 3, no_stop(), **kwargs)[0] for r in records]
         assert [r["generation"] for r in together] == [r["generation"] for r in alone]
 
 
@@ -154,19 +181,18 @@ def test_mask_picture_matches_the_block_pattern():
     assert continuous.position_ids == list(range(11))
 
 
-def test_flex_refuses_to_run_without_its_block_mask_and_plain_prompts_use_sdpa(small_dataset):
-    """Confidence decoding of plain prompts under --attn flex runs on sdpa, never on a maskless flex."""
-    from decoding import single_rows
-    from flex_attention_generate import attention_implementation
+def test_flex_refuses_to_run_without_its_block_mask_and_is_scoped(small_dataset):
+    """Under our flex implementation a plain 2D mask is refused (never attend without the intended
+    mask); the switch into flex lasts one decode, so plain prompts after it run on sdpa."""
+    from decoding import PaddingMask, single_rows
+    from segment_mask import attention_implementation
     model, tokenizer = cached_tiny("llama")
     rows = single_rows(tokenizer, small_dataset.prompt_parts(small_dataset.records[0], 3), [0, 1, 2])
     plain, _ = decode(model, tokenizer, rows, 1, greedy, no_stop())
-    enable_flex(model, compile=False)
-    try:
-        with pytest.raises(RuntimeError, match="needs a BlockMask"):
-            decode(model, tokenizer, rows, 1, greedy, no_stop())
-        with attention_implementation(model, "sdpa"):
-            assert decode(model, tokenizer, rows, 1, greedy, no_stop())[0] == plain
-        assert model.config._attn_implementation == "self_ensemble_flex"
-    finally:
-        model.set_attn_implementation("sdpa")
+    ids, pos, seg = pad_left(rows, 0, model.device)
+    with attention_implementation(model, FLEX_ATTENTION), pytest.raises(RuntimeError, match="needs a BlockMask"):
+        prefill(model, ids, pos, PaddingMask(seg, 0).prefill())
+    assert model.config._attn_implementation == "sdpa"
+    answer_fused(model, tokenizer, small_dataset, small_dataset.records[:1], 3, no_stop(), backend="flex")
+    assert model.config._attn_implementation == "sdpa"
+    assert decode(model, tokenizer, rows, 1, greedy, no_stop())[0] == plain

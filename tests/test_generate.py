@@ -8,7 +8,7 @@ from conftest import generate_reference
 from confidence import normalised_weights
 from dataset import Dataset, Record
 from decoding import StopRule, decode, greedy, single_rows
-from generate import answer_ensemble, answer_per_prompt, fuse_logits
+from methods import answer_ensemble, answer_per_prompt, fuse_logits
 
 MAX_NEW = 8
 
@@ -52,9 +52,9 @@ def test_avg_and_max_of_copies_equal_the_single_prompt(tiny):
     question = "who painted the mona lisa?"
     copies = Dataset("t", "qa", [Record("c", [question] * 4, ["Leonardo"])], [("2+2?", "4")])
     stop = no_stop(model, tokenizer)
-    alone = answer_per_prompt(model, tokenizer, copies, copies.records, 1, stop, "origin")[0]
+    alone = answer_per_prompt(model, tokenizer, copies, copies.records, 1, stop, "origin")[0][0]
     for method in ("avg", "max"):
-        fused = answer_ensemble(model, tokenizer, copies, copies.records, 4, stop, method)[0]
+        fused = answer_ensemble(model, tokenizer, copies, copies.records, 4, stop, method)[0][0]
         assert fused["generation"] == alone["generation"] and fused["new_tokens"] == MAX_NEW
 
 
@@ -63,8 +63,8 @@ def test_batch_composition_changes_nothing(tiny, small_dataset):
     stop = no_stop(model, tokenizer)
     records = small_dataset.records
     for method in ("avg", "max"):
-        together = answer_ensemble(model, tokenizer, small_dataset, records, 3, stop, method)
-        alone = [answer_ensemble(model, tokenizer, small_dataset, [r], 3, stop, method)[0] for r in records]
+        together = answer_ensemble(model, tokenizer, small_dataset, records, 3, stop, method)[0]
+        alone = [answer_ensemble(model, tokenizer, small_dataset, [r], 3, stop, method)[0][0] for r in records]
         assert [r["generation"] for r in together] == [r["generation"] for r in alone]
 
 
@@ -88,7 +88,7 @@ def test_cached_decoding_equals_full_recompute(tiny, small_dataset):
     model, tokenizer = tiny
     record = small_dataset.records[0]
     rows = single_rows(tokenizer, small_dataset.prompt_parts(record, 3), [0, 1, 2])
-    ours = answer_ensemble(model, tokenizer, small_dataset, [record], 3, no_stop(model, tokenizer), "avg")[0]
+    ours = answer_ensemble(model, tokenizer, small_dataset, [record], 3, no_stop(model, tokenizer), "avg")[0][0]
     generated: list[int] = []
     with torch.inference_mode():
         for _ in range(MAX_NEW):

@@ -153,7 +153,7 @@ def test_isolation_check_catches_a_leak(monkeypatch):
     paraphrases see earlier ones and their K/V move far beyond the tolerance; the prefix does not."""
     import torch
 
-    import debug_flexattention as dbg
+    import inspect_fusion as dbg
     from conftest import QUESTIONS, FEW_SHOT, cached_tiny
     from dataset import Dataset
     from decoding import fused_row
@@ -190,7 +190,7 @@ def test_example_prints_masks_and_isolation(monkeypatch, capsys):
     diffs = isolation_diffs(out)
     assert len(diffs) == 4 and max(diffs.values()) <= 1e-5
     assert len(re.findall(r"^\s+step\s+\d+: ", out, re.M)) == 4
-    assert "gives the same tokens: True" in out
+    assert "give the tokens of a no-cache full recompute: True" in out
 
 
 # ---------------------------------------------------------------- download_resources.sh

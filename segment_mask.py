@@ -1,0 +1,328 @@
+"""Attention-level fusion as a library: who may attend to whom in one fused sequence
+
+    [shared prefix][paraphrase 1]...[paraphrase N][shared suffix][generated tokens]
+
+Every token carries a segment id. The rule is one `mask_mod`, composed the attention-gym way from
+small named mask_mods, and rendered either as a FlexAttention `BlockMask` or as a dense additive
+mask for SDPA (the reference backend). `SegmentMask` is the renderer the decode loop uses; it also
+scopes the model's attention implementation to its own decode, so nothing here is process state.
+
+The picture for one pad, a 2-token prefix, paraphrases of 2, 3 and 2 tokens and a 2-token suffix
+(row = query, column = key, a cell shows the key's segment where attention is allowed)::
+
+      _PP1122233SS
+    _ _...........
+    P .P..........
+    P .PP.........
+    1 .PP1........
+    1 .PP11.......
+    2 .PP..2......
+    2 .PP..22.....
+    2 .PP..222....
+    3 .PP.....3...
+    3 .PP.....33..
+    S .PP1122233S.
+    S .PP1122233SS
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+PAD_SEGMENT = -1         # padding: attends to itself only, seen by nobody
+PREFIX_SEGMENT = 0       # instruction and few-shot examples: seen by every token after it
+FUSED_SEGMENT = 1 << 20  # answer cue and generated tokens: see everything before them
+# paraphrase segments are numbered 1..N: each sees the prefix and itself
+
+FLEX_ATTENTION = "self_ensemble_flex"    # our names in transformers' AttentionInterface
+DENSE_ATTENTION = "self_ensemble_dense"
+PARAPHRASE_CHARS = "123456789abcdefghijklmnopqrstuvwxyz"
+
+MaskMod = Callable[..., torch.Tensor]  # (b, h, q_idx, kv_idx) -> bool tensor
+
+
+# ---------------------------------------------------------------- the rule, in small named mask_mods
+
+def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor) -> MaskMod:
+    """Who may attend to whom, from segment ids [B, T] (T covers prompt and generated tokens).
+    Query i of a call is token i + q_offset of the row (decode steps start past the prompt)."""
+    from torch.nn.attention.flex_attention import and_masks, or_masks
+    row_len = segment_ids.shape[1]
+    flat = segment_ids.flatten()  # compiled flex handles 1D lookups (2D captured tensors crashed on CPU)
+
+    def q_segment(b, q_idx):
+        return flat[b * row_len + q_idx + q_offset]
+
+    def kv_segment(b, kv_idx):
+        return flat[b * row_len + kv_idx]
+
+    def causal(b, h, q_idx, kv_idx):
+        """A token never sees the future."""
+        return kv_idx <= q_idx + q_offset
+
+    def key_not_padding(b, h, q_idx, kv_idx):
+        """Padding is seen by nobody."""
+        return kv_segment(b, kv_idx) != PAD_SEGMENT
+
+    def key_in_prefix(b, h, q_idx, kv_idx):
+        """The shared prefix is seen by every token."""
+        return kv_segment(b, kv_idx) == PREFIX_SEGMENT
+
+    def same_segment(b, h, q_idx, kv_idx):
+        """A paraphrase sees itself (and so, isolated, never another paraphrase)."""
+        return kv_segment(b, kv_idx) == q_segment(b, q_idx)
+
+    def fused_query(b, h, q_idx, kv_idx):
+        """The suffix and every generated token see all paraphrases."""
+        return q_segment(b, q_idx) == FUSED_SEGMENT
+
+    def self_token(b, h, q_idx, kv_idx):
+        """Every token sees itself, padding included (a row of -inf would give NaN)."""
+        return kv_idx == q_idx + q_offset
+
+    visible = or_masks(key_in_prefix, same_segment, fused_query)
+    return or_masks(and_masks(causal, key_not_padding, visible), self_token)
+
+
+def fused_key_score(score: torch.Tensor, q_seg: torch.Tensor, kv_scale: torch.Tensor, kv_bias: torch.Tensor
+                    ) -> torch.Tensor:
+    """A fused query's (suffix or generated token) score on a paraphrase key: scaled by 1/T (APE's
+    temperature) and shifted by the paraphrase's bias (-log N, or log confidence); other scores as they are."""
+    return torch.where(q_seg == FUSED_SEGMENT, score * kv_scale + kv_bias, score)
+
+
+def fusion_score_mod(segment_ids: torch.Tensor, key_scale: torch.Tensor, key_bias: torch.Tensor,
+                     q_offset: torch.Tensor):
+    """`fused_key_score` as a FlexAttention score_mod; key_scale/key_bias [B, T] hold each key's 1/T and bias."""
+    row_len = segment_ids.shape[1]
+    flat_seg, flat_scale, flat_bias = segment_ids.flatten(), key_scale.flatten(), key_bias.flatten()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        kv = b * row_len + kv_idx
+        return fused_key_score(score, flat_seg[b * row_len + q_idx + q_offset], flat_scale[kv], flat_bias[kv])
+    return score_mod
+
+
+def segment_biases(n: int, mode: str, weights: list[float] | None = None) -> list[float]:
+    """Score bias per paraphrase segment: none 0; uniform -log N; confidence log(normalised confidence)."""
+    if mode == "none":
+        return [0.0] * n
+    if mode == "uniform":
+        return [-math.log(n)] * n
+    return [math.log(max(w, 1e-6)) for w in weights]
+
+
+# ---------------------------------------------------------------- renderings of the one rule
+
+def build_block_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+
+
+def build_dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device, dtype,
+                     segment_ids: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
+                     q_offset: int = 0) -> torch.Tensor:
+    """The same mask as an additive float mask [B, 1, q, kv] for SDPA, plus the fusion bias if given."""
+    from torch.nn.attention.flex_attention import create_mask
+    allowed = create_mask(mask_mod, batch, 1, q_len, kv_len, device=device)
+    bias = torch.zeros((), device=device)
+    if key_bias is not None:
+        q_seg = segment_ids[:, None, q_offset:q_offset + q_len, None]
+        bias = fused_key_score(bias, q_seg, 1.0, key_bias[:, None, None, :kv_len])
+    return torch.where(allowed, bias, float("-inf")).to(dtype)
+
+
+def dense_score_scale(segment_ids: torch.Tensor, key_scale: torch.Tensor, q_offset: int, q_len: int,
+                      kv_len: int) -> torch.Tensor:
+    """[B, 1, q, kv] factors on the raw scores for the dense backend: 1/T where a fused query meets a
+    paraphrase key, 1 elsewhere (SDPA cannot scale some scores, so the dense path computes them)."""
+    q_seg = segment_ids[:, None, q_offset:q_offset + q_len, None]
+    return torch.where(q_seg == FUSED_SEGMENT, key_scale[:, None, None, :kv_len], 1.0)
+
+
+def allowed_matrix(segment_ids: list[int]) -> torch.Tensor:
+    """[L, L] bool, True where query (row) may attend to key (column): the dense rendering itself."""
+    seg = torch.tensor([segment_ids])
+    mask_mod = segment_mask_mod(seg, torch.tensor(0))
+    return build_dense_mask(mask_mod, 1, len(segment_ids), len(segment_ids), "cpu", torch.float32)[0, 0] == 0
+
+
+# ---------------------------------------------------------------- FlexAttention inside transformers
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=2)
+def flex_function(compile: bool):
+    """flex_attention, eager or wrapped once in torch.compile (one wrapper per process: no recompiles)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention) if compile else flex_attention
+
+
+def fused_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         fusion_score_mod=None, flex_fn=None, **kwargs):
+    """An AttentionInterface function: flex_attention with our BlockMask and optional score_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
+    if not isinstance(attention_mask, BlockMask) or flex_fn is None:  # never attend without the intended mask
+        raise RuntimeError(f"{FLEX_ATTENTION} needs a BlockMask and a flex function from SegmentMask, "
+                           f"got {type(attention_mask).__name__}")
+    out = flex_fn(query, key, value, score_mod=fusion_score_mod, block_mask=attention_mask, scale=scaling,
+                  enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def dense_fused_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                          fusion_scale=None, **kwargs):
+    """An AttentionInterface function for the dense backend with --fusion-temperature: the scores written
+    out (scaled per key), then the additive mask, softmax in float32. Without a temperature we use SDPA."""
+    if fusion_scale is None:
+        raise RuntimeError(f"{DENSE_ATTENTION} needs the score scale from SegmentMask")
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+    probs = torch.softmax(scores * fusion_scale + attention_mask.float(), dim=-1)
+    return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), None
+
+
+ATTENTION_FUNCTIONS = {FLEX_ATTENTION: lambda: fused_flex_attention, DENSE_ATTENTION: lambda: dense_fused_attention}
+
+
+@contextmanager
+def attention_implementation(model, name: str) -> Iterator[None]:
+    """Run a block under attention implementation `name` (sdpa, or one of ours), then switch back."""
+    previous = model.config._attn_implementation
+    if name in ATTENTION_FUNCTIONS:
+        from transformers import AttentionInterface
+        AttentionInterface.register(name, ATTENTION_FUNCTIONS[name]())  # a registry entry, idempotent
+    if previous != name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
+
+
+# ---------------------------------------------------------------- the renderer the decode loop uses
+
+class SegmentMask:
+    """The MaskRenderer of attention-level fusion: prefill and each decode step, flex or sdpa (dense).
+    biases [B, N]: each paraphrase's score bias for fused queries; temperature: their scores divided by T."""
+
+    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, backend: str = "sdpa",
+                 biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, compile: bool = False,
+                 temperature: float = 1.0):
+        rows, self.length = segment_ids.shape
+        generated = segment_ids.new_full((rows, max_new_tokens), FUSED_SEGMENT)
+        self.segment_ids = torch.cat([segment_ids, generated], dim=1)  # built once for the whole decode
+        self.key_bias = self.token_bias(biases) if biases is not None else None
+        self.key_scale = None
+        if temperature != 1.0:
+            paraphrase = (self.segment_ids >= 1) & (self.segment_ids < FUSED_SEGMENT)
+            self.key_scale = torch.where(paraphrase, 1.0 / temperature, 1.0)
+            self.key_bias = self.key_bias if self.key_bias is not None else torch.zeros_like(self.key_scale)
+        self.backend, self.dtype = backend, dtype
+        self.flex_fn = flex_function(compile) if backend == "flex" else None
+
+    def token_bias(self, biases: torch.Tensor) -> torch.Tensor:
+        """Each paraphrase token gets its segment's bias (biases [B, N]); other tokens 0."""
+        seg = self.segment_ids
+        paraphrase = (seg >= 1) & (seg <= biases.shape[1])
+        return torch.where(paraphrase, biases.float().gather(1, (seg - 1).clamp(0, biases.shape[1] - 1)), 0.0)
+
+    def attention(self, model):
+        """The attention implementation this mask is rendered for, for the length of one decode."""
+        name = {"flex": FLEX_ATTENTION, "sdpa": DENSE_ATTENTION if self.key_scale is not None else "sdpa"}
+        return attention_implementation(model, name[self.backend])
+
+    def render(self, q_offset: int, q_len: int, kv_len: int) -> dict:
+        seg = self.segment_ids
+        offset = torch.tensor(q_offset, device=seg.device)  # a tensor, so compiled flex does not recompile
+        mask_mod = segment_mask_mod(seg, offset)
+        if self.backend == "sdpa":
+            out = {"attention_mask": build_dense_mask(mask_mod, len(seg), q_len, kv_len, seg.device, self.dtype,
+                                                      seg, self.key_bias, q_offset)}
+            if self.key_scale is not None:
+                out["fusion_scale"] = dense_score_scale(seg, self.key_scale, q_offset, q_len, kv_len)
+            return out
+        score_mod = None
+        if self.key_bias is not None:
+            scale = self.key_scale if self.key_scale is not None else torch.ones_like(self.key_bias)
+            score_mod = fusion_score_mod(seg, scale, self.key_bias, offset)
+        return {"attention_mask": build_block_mask(mask_mod, len(seg), q_len, kv_len, seg.device),
+                "fusion_score_mod": score_mod, "flex_fn": self.flex_fn}
+
+    def prefill(self) -> dict:
+        return self.render(0, self.length, self.length)
+
+    def step(self) -> dict:
+        self.length += 1
+        return self.render(self.length - 1, 1, self.length)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.segment_ids = self.segment_ids[rows]
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[rows]
+        if self.key_scale is not None:
+            self.key_scale = self.key_scale[rows]
+
+
+# ---------------------------------------------------------------- the picture
+
+def segment_name(segment_id: int) -> str:
+    if segment_id == PAD_SEGMENT:
+        return "pad"
+    if segment_id == PREFIX_SEGMENT:
+        return "prefix"
+    if segment_id == FUSED_SEGMENT:
+        return "suffix"
+    return f"paraphrase {segment_id}"
+
+
+def segment_char(segment_id: int) -> str:
+    """One character per segment kind: P prefix, 1..9 a..z paraphrases, S suffix/generated, _ pad."""
+    if segment_id == PAD_SEGMENT:
+        return "_"
+    if segment_id == PREFIX_SEGMENT:
+        return "P"
+    if segment_id == FUSED_SEGMENT:
+        return "S"
+    return PARAPHRASE_CHARS[segment_id - 1] if segment_id <= len(PARAPHRASE_CHARS) else "+"
+
+
+def draw_mask(segment_ids: list[int], max_columns: int = 80) -> str:
+    """The mask as characters: a cell shows the segment of the key it may attend to, '.' none.
+    Longer rows are downsampled: one cell covers step x step tokens and shows its first visible key."""
+    allowed = allowed_matrix(segment_ids)
+    length = len(segment_ids)
+    step = max(1, math.ceil(length / max_columns))
+    cells = math.ceil(length / step)
+    grid = np.zeros((cells * step, cells * step), dtype=bool)
+    grid[:length, :length] = allowed.numpy()
+    blocks = grid.reshape(cells, step, cells, step).any(axis=1)  # [row cell, column cell, key in cell]
+    first_key = blocks.argmax(axis=2)
+    key_chars = [segment_char(s) for s in segment_ids] + [" "] * (cells * step - length)
+    lines = ["  " + "".join(key_chars[c * step] for c in range(cells))]
+    for r in range(cells):
+        row = "".join(key_chars[c * step + first_key[r, c]] if blocks[r, c].any() else "." for c in range(cells))
+        lines.append(f"{key_chars[r * step]} {row}")
+    return "\n".join(lines)
+
+
+def mask_legend(segment_ids: list[int], max_columns: int = 80) -> str:
+    step = max(1, math.ceil(len(segment_ids) / max_columns))
+    kinds = sorted(set(segment_ids), key=lambda s: (s != PAD_SEGMENT, s))
+    names = ", ".join(f"{segment_char(s)} {segment_name(s)}" for s in kinds)
+    scale = "one cell per token" if step == 1 else f"one cell = {step}x{step} tokens, showing its first visible key"
+    return (f"legend: row = query, column = key; a cell shows the key's segment where attention is allowed, "
+            f"'.' masked. {names} (S also stands for the generated tokens). {scale}")

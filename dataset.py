@@ -249,18 +249,18 @@ def read_webquestions(data_file: Path | None) -> tuple[list[dict], list[dict]]:
 
 def load_webqa(data_file: Path | None, num_paraphrases: int, paraphraser=None, limit: int | None = None) -> Dataset:
     """WebQuestions as upstream builds it: uuid = md5(question); few-shot = 5 train rows drawn with random.seed(42),
-    each as its question and first answer; paraphrases made by the model itself (cached per model, see paraphrase.py)."""
+    each as its question and first answer; paraphrases made by the model itself (cached per model: paraphrase.py)."""
     test, train = read_webquestions(data_file)
     if len(train) != WEBQA_TRAIN_QUESTIONS:
-        log.warning("webqa: the train split has %d questions, not the hub's %d: the few-shot examples are not upstream's",
-                    len(train), WEBQA_TRAIN_QUESTIONS)
+        log.warning("webqa: the train split has %d questions, not the hub's %d: the few-shot examples are not "
+                    "upstream's", len(train), WEBQA_TRAIN_QUESTIONS)
     shots = [(train[i]["question"], (train[i]["answers"] or [""])[0])
              for i in upstream_few_shot(len(train), WEBQA_FEW_SHOT_SEED)]
     records, seen = [], set()
     for row in test[:limit]:
         uuid = question_uuid(row["question"])
         if uuid in seen:
-            raise InputError(f"webqa: the question {row['question']!r} occurs twice; its uuid (md5 of the text) would too")
+            raise InputError(f"webqa: the question {row['question']!r} occurs twice, and so would its uuid (md5)")
         seen.add(uuid)
         records.append(Record(uuid, [row["question"]], row["answers"]))
     if num_paraphrases > 1:

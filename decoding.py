@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Protocol
 
@@ -85,11 +86,13 @@ def shared_run(rows: list[list[int]]) -> int:
     return length
 
 
-def pad_left(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, position_ids, segment_ids) as [R, L] tensors, left padded."""
+def pad_left(rows: list[Row], pad_id: int, device: torch.device, after: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, position_ids, segment_ids) as [R, L] tensors, padded on the left of each row's tokens
+    after its first `after` (a shared prefix read from the cache: mid-padding keeps it in place)."""
     width = max(len(r.input_ids) for r in rows)
     def pad(values: list[int], fill: int) -> list[int]:
-        return [fill] * (width - len(values)) + values
+        return values[:after] + [fill] * (width - len(values)) + values[after:]
     ids = torch.tensor([pad(r.input_ids, pad_id) for r in rows], device=device)
     pos = torch.tensor([pad(r.position_ids, 0) for r in rows], device=device)
     seg = torch.tensor([pad(r.segment_ids, PAD_SEGMENT) for r in rows], device=device)
@@ -101,7 +104,7 @@ class MaskRenderer(Protocol):
     the attention implementation it is rendered for (a context manager around one decode)."""
     def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> None: ...
     def attention(self, model) -> ContextManager: ...
-    def prefill(self) -> dict: ...
+    def prefill(self, cached: int = 0) -> dict: ...
     def step(self) -> dict: ...
     def select(self, rows: torch.Tensor) -> None: ...
 
@@ -115,8 +118,8 @@ class PaddingMask:
     def attention(self, model) -> ContextManager:
         return attention_implementation(model, "sdpa")
 
-    def prefill(self) -> dict:
-        return {"attention_mask": self.mask}
+    def prefill(self, cached: int = 0) -> dict:
+        return {"attention_mask": self.mask}  # transformers wants the 2D mask over cached and new tokens
 
     def step(self) -> dict:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
@@ -184,13 +187,60 @@ class Sampler:
 @torch.inference_mode()
 def prefill(model, ids: torch.Tensor, pos: torch.Tensor, mask: dict, logits_to_keep: int = 1,
             cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
-    """Run prompt rows [R, L] into a KV cache under `mask` (a renderer's forward kwargs): (logits, cache)."""
+    """Run prompt rows [R, L] into a KV cache (empty, or holding the tokens before them) under `mask`
+    (a renderer's forward kwargs): (logits, cache)."""
     cache = cache if cache is not None else DynamicCache(config=model.config)
+    before = cache.get_seq_length()
     logits = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
                    **mask).logits
-    if cache.get_seq_length() != ids.shape[1]:  # a transformers whose forward ignores `cache=` decodes garbage
+    if cache.get_seq_length() != before + ids.shape[1]:  # a transformers that ignores `cache=` decodes garbage
         raise RuntimeError("the model did not fill the KV cache passed as `cache=`; use transformers>=5.24")
     return logits, cache
+
+
+def shared_prefix_length(rows: list[Row]) -> int:
+    """How many leading tokens every row shares as plain prefix (same ids, positions 0..k-1, prefix
+    segment), leaving each row at least one token of its own."""
+    first = rows[0]
+    limit = min(len(r.input_ids) for r in rows) - 1
+    for i in range(limit):
+        if first.segment_ids[i] != PREFIX_SEGMENT or first.position_ids[i] != i or any(
+                r.input_ids[i] != first.input_ids[i] or r.segment_ids[i] != PREFIX_SEGMENT for r in rows):
+            return i
+    return max(limit, 0)
+
+
+class PrefixCache:
+    """The KV of the shared prefix (instruction and few-shot examples), computed once per run and prompt
+    format and reused by every batch, as serving engines cache prefixes. One per model."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.entries: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def batch(self, model, ids: torch.Tensor, pos: torch.Tensor, rows: int) -> tuple[DynamicCache, int]:
+        """A KV cache holding the prefix for `rows` rows, and how many tokens had to be computed (0 on reuse)."""
+        key = (tuple(ids.tolist()), model.dtype, str(ids.device))
+        computed = 0
+        if key not in self.entries:
+            self.entries = {}  # one prompt format at a time: a new one replaces the old
+            mask = PaddingMask(torch.zeros_like(ids)[None], 0)
+            with mask.attention(model):  # plain causal attention: the prefix sees only itself
+                _, cache = prefill(model, ids[None], pos[None], mask.prefill())
+            self.entries[key] = [(layer.keys, layer.values) for layer in cache.layers]
+            computed = len(ids)
+        layers = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.entries[key]]
+        return DynamicCache(ddp_cache_data=layers, config=model.config), computed
+
+
+PREFIX_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def prefix_cache(model) -> PrefixCache:
+    """The model's prefix cache (created on first use; turn reuse off with `prefix_cache(model).enabled`)."""
+    if model not in PREFIX_CACHES:
+        PREFIX_CACHES[model] = PrefixCache()
+    return PREFIX_CACHES[model]
 
 
 @torch.inference_mode()
@@ -198,14 +248,20 @@ def decode(model, tokenizer, rows: list[Row], n: int, choose: Chooser, stop: Sto
            mask_cls: type[MaskRenderer] = PaddingMask, mask_kwargs: dict | None = None
            ) -> tuple[list[list[int]], DecodeStats]:
     """Decode all questions of a batch together: rows [q*n, (q+1)*n) belong to question q and receive
-    the same chosen token. One forward per step over the live rows, with a KV cache."""
+    the same chosen token. The shared prefix comes from the run's prefix cache; then one forward for the
+    rest of the prompts and one per step over the live rows, with a KV cache."""
     start = time.perf_counter()
     device = model.device
-    ids, pos, seg = pad_left(rows, tokenizer.pad_token_id, device)
+    shared = shared_prefix_length(rows) if prefix_cache(model).enabled else 0
+    ids, pos, seg = pad_left(rows, tokenizer.pad_token_id, device, after=shared)
     mask = mask_cls(seg, stop.max_new_tokens, **(mask_kwargs or {}))
-    stats = DecodeStats(prefill_tokens=ids.numel())
+    stats = DecodeStats(prefill_tokens=ids[:, shared:].numel())
+    cache = None
+    if shared:
+        cache, computed = prefix_cache(model).batch(model, ids[0, :shared], pos[0, :shared], len(rows))
+        stats.prefill_tokens += computed
     with mask.attention(model):
-        logits, cache = prefill(model, ids, pos, mask.prefill())
+        logits, cache = prefill(model, ids[:, shared:], pos[:, shared:], mask.prefill(shared), cache=cache)
         logits = logits[:, -1]
         num_questions = len(rows) // n
         outputs: list[list[int]] = [[] for _ in range(num_questions)]

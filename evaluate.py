@@ -4,7 +4,6 @@ python evaluate.py --results-dir DIR [--output-dir DIR2]
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from constants import EXIT_BAD_INPUT, LOGIT_METHODS, InputError
-from results import atomic_write, check_writable_dir
+from results import OneLineParser, atomic_write, check_writable_dir
 
 REQUIRED_COLUMNS = (
     "uuid", "answers", "prediction", "seconds", "new_tokens", "method", "num_ensemble", "paraphrase_index",
@@ -162,9 +161,7 @@ def write_report(report: pd.DataFrame, output_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runner import OneLineParser  # noqa: F401 - see below: runner imports torch, so it is not used here
-
-    parser = _OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", required=True, type=Path, help="folder with the *.feather result tables")
     parser.add_argument("--output-dir", type=Path, help="where to write report.md/.csv/.png (default: results dir)")
     args = parser.parse_args(argv)

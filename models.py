@@ -229,3 +229,34 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", attn_implem
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def shaped_model(shape: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """(model, tokenizer) with a real model's shapes and random weights, built from a config in code (no
+    download), for timing: "llama3.2_3b" (Llama-3.2-3B: 28 layers, hidden 3072, 24 heads over 8 KV heads of
+    128, vocab 128256, llama3 RoPE) or "tiny" (2 layers, as tiny_model). Weights are initialised on `device`
+    (seconds on a GPU). The tokenizer is tiny_tokenizer (one token per byte): its ids are a subset of the
+    vocabulary, so the text is real but the model's vocabulary is mostly never read - what timing needs."""
+    from transformers import LlamaConfig
+
+    tokenizer = tiny_tokenizer(add_bos=True)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    shapes = {
+        "llama3.2_3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                            num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                            max_position_embeddings=131072, tie_word_embeddings=True,
+                            rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                                                 low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_position_embeddings=8192)),
+        "tiny": dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                     tie_word_embeddings=False, initializer_range=0.2),
+    }
+    if shape not in shapes:
+        raise InputError(f"shape {shape!r}: not one of {', '.join(shapes)}")
+    config = LlamaConfig(**shapes[shape], **special)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval(), tokenizer

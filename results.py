@@ -3,6 +3,7 @@ resumes where it stopped), merged at the end into `<name>.feather` plus a readab
 scored, and written atomically, readable as the umask says, under a lock while a process writes them."""
 from __future__ import annotations
 
+import argparse
 import errno
 import fcntl
 import json
@@ -15,7 +16,7 @@ from typing import Callable
 
 import pandas as pd
 
-from constants import InputError
+from constants import EXIT_BAD_INPUT, InputError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,14 @@ def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], 
                 prediction=prediction, generation=generation, token_ids=list(tokens), seconds=seconds,
                 new_tokens=len(tokens),
                 method=method, num_ensemble=num_ensemble, paraphrase_index=paraphrase_index, **extra)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The scripts' argparse: a bad flag is reported in one line (naming --help) with exit code 2, like
+    every other bad input, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def current_umask() -> int:

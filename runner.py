@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -16,16 +17,9 @@ from tqdm import tqdm
 from constants import DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS, DATASETS, DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, InputError, safe_name
 from constants import DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P, WEBQA_SAMPLE_FILE
 from dataset import Dataset, Record, load_dataset_by_name
-from results import ResultWriter, TableLock, check_settings, check_writable_dir
+from results import OneLineParser, ResultWriter, TableLock, check_settings, check_writable_dir
 
 log = logging.getLogger("self_ensemble")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported as one line (naming --help), like every other bad input."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
@@ -97,13 +91,33 @@ def data_path(args) -> Path | None:
     return None
 
 
+@contextmanager
+def warnings_only_if_it_works():
+    """Log lines of the block are shown after it, and only if it succeeds: a step that fails says one line."""
+    root, held = logging.getLogger(), []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, root.handlers = root.handlers, [Hold()]
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+    for record in held:
+        root.handle(record)
+
+
 def read_data(args, num_paraphrases: int, paraphraser=None) -> Dataset:
-    """The dataset, with a file that cannot be read (not UTF-8, not readable) reported in one line naming it."""
+    """The dataset, with a file that cannot be read (not UTF-8, not readable) reported in one line naming it;
+    what the loaders warn about is shown only when the data is good."""
     extra = {"paraphrase_set": args.paraphrases} if getattr(args, "paraphrases", None) is not None else {}
     where = data_path(args) or args.dataset
     try:
-        dataset = load_dataset_by_name(args.dataset, args.data_file, args.task, num_paraphrases, paraphraser,
-                                       args.limit, **extra)
+        with warnings_only_if_it_works():
+            dataset = load_dataset_by_name(args.dataset, args.data_file, args.task, num_paraphrases, paraphraser,
+                                           args.limit, **extra)
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                          f"save it as UTF-8") from None

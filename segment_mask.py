@@ -42,6 +42,9 @@ FUSED_SEGMENT = 1 << 20  # answer cue and generated tokens: see everything befor
 FLEX_ATTENTION = "self_ensemble_flex"    # our names in transformers' AttentionInterface
 DENSE_ATTENTION = "self_ensemble_dense"
 PARAPHRASE_CHARS = "123456789abcdefghijklmnopqrstuvwxyz"
+BLOCK_SIZE = 128  # FlexAttention's default tile
+BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                      "q_indices", "full_q_num_blocks", "full_q_indices")
 
 MaskMod = Callable[..., torch.Tensor]  # (b, h, q_idx, kv_idx) -> bool tensor
 
@@ -162,11 +165,21 @@ def flex_available() -> bool:
     return True
 
 
-@lru_cache(maxsize=2)
-def flex_function(compile: bool):
-    """flex_attention, eager or wrapped once in torch.compile (one wrapper per process: no recompiles)."""
+@lru_cache(maxsize=4)
+def flex_function(compile: bool, backend="inductor"):
+    """flex_attention, eager or wrapped once in torch.compile with dynamic shapes (one wrapper per process
+    and backend: batch size and lengths are symbolic, so a run compiles a handful of graphs, not one per
+    shape). `backend` other than inductor is for tests that count compiles on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention) if compile else flex_attention
+    return torch.compile(flex_attention, dynamic=True, backend=backend) if compile else flex_attention
+
+
+def mark_dynamic_shapes(tensor: torch.Tensor, dims) -> torch.Tensor:
+    """Batch and length dimensions symbolic for torch.compile (a hint: size-1 dims may still specialise).
+    Contiguous q/k/v keep prefill and decode strides alike, another recompile trigger otherwise."""
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
 
 
 def fused_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -176,6 +189,11 @@ def fused_flex_attention(module, query, key, value, attention_mask, scaling=None
     if not isinstance(attention_mask, BlockMask) or flex_fn is None:  # never attend without the intended mask
         raise RuntimeError(f"{FLEX_ATTENTION} needs a BlockMask and a flex function from SegmentMask, "
                            f"got {type(attention_mask).__name__}")
+    query, key, value = (mark_dynamic_shapes(t.contiguous(), (0, 2)) for t in (query, key, value))
+    for name in BLOCK_MASK_TENSORS:
+        tensor = getattr(attention_mask, name)
+        if tensor is not None:
+            mark_dynamic_shapes(tensor, (0, *range(2, tensor.dim())))
     out = flex_fn(query, key, value, score_mod=fusion_score_mod, block_mask=attention_mask, scale=scaling,
                   enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -216,15 +234,20 @@ def attention_implementation(model, name: str) -> Iterator[None]:
 # ---------------------------------------------------------------- the renderer the decode loop uses
 
 class SegmentMask:
-    """The MaskRenderer of attention-level fusion: prefill and each decode step, flex or sdpa (dense).
+    """The MaskRenderer of attention-level fusion, flex or sdpa (dense). The whole decode's mask (prompt
+    plus max_new_tokens) is rendered once per batch; each decode step takes its query row from it.
     biases [B, N]: each paraphrase's score bias for fused queries; temperature: their scores divided by T."""
 
     def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, backend: str = "sdpa",
                  biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, compile_backend="inductor"):
         rows, self.length = segment_ids.shape
-        generated = segment_ids.new_full((rows, max_new_tokens), FUSED_SEGMENT)
-        self.segment_ids = torch.cat([segment_ids, generated], dim=1)  # built once for the whole decode
+        self.total = self.length + max_new_tokens
+        # generated tokens are fused; then padding up to a whole block past the end, because
+        # create_block_mask evaluates mask_mod beyond the lengths it is given (pytorch#137801)
+        width = -(-(self.total + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
+        self.segment_ids = torch.cat([segment_ids, segment_ids.new_full((rows, max_new_tokens), FUSED_SEGMENT),
+                                      segment_ids.new_full((rows, width - self.total), PAD_SEGMENT)], dim=1)
         self.key_bias = self.token_bias(biases) if biases is not None else None
         self.key_scale = None
         if temperature != 1.0:
@@ -232,7 +255,8 @@ class SegmentMask:
             self.key_scale = torch.where(paraphrase, 1.0 / temperature, 1.0)
             self.key_bias = self.key_bias if self.key_bias is not None else torch.zeros_like(self.key_scale)
         self.backend, self.dtype = backend, dtype
-        self.flex_fn = flex_function(compile) if backend == "flex" else None
+        self.flex_fn = flex_function(compile, compile_backend) if backend == "flex" else None
+        self.full: dict | None = None  # the whole decode's mask, rendered at the first step
 
     def token_bias(self, biases: torch.Tensor) -> torch.Tensor:
         """Each paraphrase token gets its segment's bias (biases [B, N]); other tokens 0."""
@@ -246,6 +270,7 @@ class SegmentMask:
         return attention_implementation(model, name[self.backend])
 
     def render(self, q_offset: int, q_len: int, kv_len: int) -> dict:
+        """The forward kwargs for queries [q_offset, q_offset + q_len) over keys [0, kv_len)."""
         seg = self.segment_ids
         offset = torch.tensor(q_offset, device=seg.device)  # a tensor, so compiled flex does not recompile
         mask_mod = segment_mask_mod(seg, offset)
@@ -255,19 +280,35 @@ class SegmentMask:
             if self.key_scale is not None:
                 out["fusion_scale"] = dense_score_scale(seg, self.key_scale, q_offset, q_len, kv_len)
             return out
-        score_mod = None
-        if self.key_bias is not None:
-            scale = self.key_scale if self.key_scale is not None else torch.ones_like(self.key_bias)
-            score_mod = fusion_score_mod(seg, scale, self.key_bias, offset)
         return {"attention_mask": build_block_mask(mask_mod, len(seg), q_len, kv_len, seg.device),
-                "fusion_score_mod": score_mod, "flex_fn": self.flex_fn}
+                "fusion_score_mod": self.score_mod(offset), "flex_fn": self.flex_fn}
 
-    def prefill(self) -> dict:
-        return self.render(0, self.length, self.length)
+    def score_mod(self, offset: torch.Tensor):
+        if self.key_bias is None:
+            return None
+        scale = self.key_scale if self.key_scale is not None else torch.ones_like(self.key_bias)
+        return fusion_score_mod(self.segment_ids, scale, self.key_bias, offset)
+
+    def prefill(self, cached: int = 0) -> dict:
+        """The prompt's queries (those after `cached` tokens already in the KV cache) over the prompt."""
+        return self.render(cached, self.length - cached, self.length)
 
     def step(self) -> dict:
+        """The next generated token's query row, sliced from the whole decode's mask."""
         self.length += 1
-        return self.render(self.length - 1, 1, self.length)
+        if self.full is None:
+            self.full = self.render(0, self.total, self.total)
+        q = self.length - 1
+        if self.backend == "sdpa":
+            return {name: full[:, :, q:q + 1, :self.length] for name, full in self.full.items()}
+        block = self.full["attention_mask"][:, :, q // BLOCK_SIZE:q // BLOCK_SIZE + 1]
+        for name in BLOCK_MASK_TENSORS:  # views of the full mask: copied, so compiled flex sees the same strides
+            if getattr(block, name) is not None:
+                setattr(block, name, getattr(block, name).contiguous())
+        offset = torch.tensor(q, device=self.segment_ids.device)
+        block.mask_mod = segment_mask_mod(self.segment_ids, offset)  # partial blocks: this query's row
+        block.seq_lengths = (1, self.length)
+        return {**self.full, "attention_mask": block, "fusion_score_mod": self.score_mod(offset)}
 
     def select(self, rows: torch.Tensor) -> None:
         self.segment_ids = self.segment_ids[rows]
@@ -275,6 +316,9 @@ class SegmentMask:
             self.key_bias = self.key_bias[rows]
         if self.key_scale is not None:
             self.key_scale = self.key_scale[rows]
+        if self.full is not None:
+            self.full = {name: value[rows] if hasattr(value, "__getitem__") else value
+                         for name, value in self.full.items()}
 
 
 # ---------------------------------------------------------------- the picture

@@ -34,8 +34,54 @@ def test_offline_hub_id_fails_with_one_clear_line(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it there too
-    with pytest.raises(InputError, match="cannot load nobody/not-a-model-xyz.*offline"):
+    with pytest.raises(InputError, match="not-a-model-xyz is not in the hub cache .*HF_HUB_OFFLINE.*download_resources"):
         models.load_model("nobody/not-a-model-xyz", device="cpu")
+
+
+def test_unreachable_hub_fails_at_once_without_retries(monkeypatch):
+    """Not offline by flag, but the hub does not answer: one line after the probe, no download retries."""
+    import time
+
+    import dataset
+    import huggingface_hub.constants
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(dataset, "hub_unreachable", lambda: "https://huggingface.co: no answer")
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="not in the hub cache .*no answer.*download_resources.sh --model nobody/x"):
+        models.load_model("nobody/x", device="cpu")
+    assert time.perf_counter() - start < 5
+
+
+def test_model_names_and_device_maps_are_checked_without_loading(tmp_path):
+    for name in ("tiny-llama", "llama3.2_1b", "some-org/some-model"):
+        models.check_model_name(name)
+    with pytest.raises(InputError, match="not a model key"):
+        models.check_model_name("llama9000")
+    with pytest.raises(InputError, match="without config.json"):
+        models.check_model_name(str(tmp_path))
+    for ok in (None, "auto", "balanced", "sequential", "cpu"):
+        models.check_device_map(ok)
+    with pytest.raises(InputError, match="--device-map 'foo': not one of auto"):
+        models.check_device_map("foo")
+
+
+def test_revision_of_a_local_folder_follows_its_files(tmp_path):
+    model, tokenizer = models.tiny_model("llama")
+    assert models.model_revision(model) is None  # built by code: nothing to name
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = models.load_model(str(tmp_path), device="cpu")
+    first = models.model_revision(loaded)
+    assert first.startswith("files:") and first == models.model_revision(loaded)
+    (tmp_path / "extra.bin").write_bytes(b"x")
+    assert models.model_revision(loaded) != first
+
+
+def test_tiny_models_take_the_dtype():
+    model, _ = models.load_model("tiny-llama", device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -56,6 +102,8 @@ def test_embedded_model_is_converted_once_then_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "convert_gguf", lambda *a: (calls.append(a), convert(*a)))
     folder = models.embedded_model_dir(tmp_path)
     assert calls and (folder / "config.json").exists() and list(folder.glob("*.safetensors"))
+    from results import current_umask
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # shared caches: not mkdtemp's 0700
     assert models.embedded_model_dir(tmp_path) == folder and len(calls) == 1  # second load: no conversion
     monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
     model, tokenizer = models.load_model("smollm2_135m_it", device="cpu")

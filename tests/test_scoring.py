@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 import scoring
-from scoring import exact_match, lemmas, normalize, partial_match, same_answer, score_frame
+from scoring import answers_agree, exact_match, lemmas, normalize, partial_match, score_frame, upstream_matched
 
 
 def test_lemmatizer_is_named_and_lemmatises_inflections():
@@ -64,11 +64,29 @@ def test_partial_match(prediction, answers, expected):
     assert partial_match(prediction, answers) is expected
 
 
-def test_same_answer():
-    assert same_answer("Cities", "city.")
-    assert same_answer("The Beatles", "the beatles")
-    assert not same_answer("Beatles", "The Beatles")
-    assert not same_answer("Paris", "Paris, France")
+def test_answers_agree_as_upstream_confidence_counts():
+    # either answer's lemmas contain the other's (upstream's is_matched_str, bidirectional)
+    assert answers_agree("Paris", ["Paris, France", "paris", "France, Paris", "London", "Parisian"]) == [
+        True, True, True, False, False]
+    assert answers_agree("Paris, France", ["Paris", "France", "Lyon, France"]) == [True, True, False]
+    assert answers_agree("Cities", ["city.", "the city"]) == [True, True]
+    # an empty greedy answer agrees with every non-empty sample, and an empty sample with any greedy answer;
+    # two empty answers do not agree
+    assert answers_agree("", ["Paris", "", "!"]) == [True, False, False]
+    assert answers_agree("Paris", [""]) == [True]
+
+
+def test_upstream_matched_is_upstreams_is_matched_str():
+    def is_matched_str(pred_tokens, gold_tokens, birdirectional=True):  # upstream utils.py, verbatim
+        if any(" ".join(gold_tokens) == " ".join(pred_tokens[i:i+len(gold_tokens)]) for i in range(len(pred_tokens))):
+            return True
+        elif birdirectional and any(" ".join(pred_tokens) == " ".join(gold_tokens[i:i+len(pred_tokens)]) for i in range(len(gold_tokens))):
+            return True
+        return False
+    seqs = [[], ["a"], ["b"], ["a", "b"], ["b", "a"], ["a", "b", "c"], ["c", "a", "b"], ["a b"], ["a", "c"]]
+    for pred in seqs:
+        for gold in seqs:
+            assert upstream_matched(pred, gold) == is_matched_str(pred, gold), (pred, gold)
 
 
 def test_score_frame_adds_columns_and_leaves_input_alone():

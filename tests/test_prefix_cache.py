@@ -1,0 +1,117 @@
+"""The shared prefix (instruction and few-shot examples) is encoded once per run and reused by every
+batch: with and without the reuse, identical tokens and logits within 1e-5 (float32) for every method,
+on tiny Llama, Qwen2 and Qwen3 models, with padded batches and early stops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import FEW_SHOT, QUESTIONS, cached_tiny
+from dataset import Dataset, Record
+from decoding import StopRule, decode, fused_row, prefix_cache, single_rows
+from segment_mask import SegmentMask
+
+MAX_NEW = 5
+EXTRA = [Record("q4", ["a much longer question about the history of the roman empire and its fall?", "why did rome fall?",
+                       "rome's fall: why?"], ["many reasons"])]
+
+
+class Recorder:
+    """A greedy chooser that keeps every step's logits, so two decodes can be compared number by number."""
+
+    def __init__(self, fuse=None):
+        self.logits: list[torch.Tensor] = []
+        self.fuse = fuse
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        self.logits.append(logits.clone())
+        return self.fuse(logits) if self.fuse else logits[:, 0].argmax(-1)
+
+
+def both_ways(model, run):
+    """run() with the prefix reused, then computed in every batch: (outputs, recorder) of each."""
+    cache = prefix_cache(model)
+    try:
+        cache.enabled = True
+        reused = run()
+        cache.enabled = False
+        fresh = run()
+    finally:
+        cache.enabled = True
+    return reused, fresh
+
+
+def assert_same(reused, fresh):
+    (out_a, rec_a), (out_b, rec_b) = reused, fresh
+    assert out_a == out_b
+    assert len(rec_a.logits) == len(rec_b.logits)
+    for a, b in zip(rec_a.logits, rec_b.logits):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def rows_of(tokenizer, kind: str):
+    ds = Dataset("t", "qa", [*QUESTIONS, *EXTRA], FEW_SHOT)
+    parts = [ds.prompt_parts(r, 3) for r in ds.records]
+    if kind == "single":
+        return [row for p in parts for row in single_rows(tokenizer, p, [0, 1, 2])], 3
+    return [fused_row(tokenizer, p, kind) for p in parts], 1
+
+
+def early_stop(model, tokenizer, rows, n, mask_cls=None, kwargs=None) -> StopRule:
+    """A stop rule whose EOS is a token the first question emits at step 2: it stops early, others may not."""
+    probe = StopRule(set(), MAX_NEW, first_line_only=False)
+    args = (mask_cls, kwargs) if mask_cls else ()
+    first = decode(model, tokenizer, rows, n, Recorder(), probe, *args)[0][0]
+    return StopRule({first[1]}, MAX_NEW, first_line_only=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind, n, fuse", [
+    ("single", 1, None),  # per_prompt / origin / confidence sampling / paraphrasing: plain rows
+    ("single", 3, lambda l: torch.log_softmax(l, -1).mean(1).argmax(-1)),  # logit avg
+    ("single", 3, lambda l: torch.softmax(l, -1).max(1).values.argmax(-1)),  # logit max
+])
+def test_plain_rows_same_with_and_without_prefix_reuse(family, kind, n, fuse):
+    model, tokenizer = cached_tiny(family)
+    rows, _ = rows_of(tokenizer, kind)
+    stop = early_stop(model, tokenizer, rows, n)
+
+    def run():
+        rec = Recorder(fuse)
+        return decode(model, tokenizer, rows, n, rec, stop)[0], rec
+    assert_same(*both_ways(model, run))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("positions, backend, temperature", [
+    ("left", "sdpa", 1.0), ("right", "sdpa", 0.5), ("continuous", "sdpa", 1.0), ("left", "flex", 1.0)])
+def test_fused_rows_same_with_and_without_prefix_reuse(family, positions, backend, temperature):
+    model, tokenizer = cached_tiny(family)
+    rows, _ = rows_of(tokenizer, positions)
+    kwargs = dict(backend=backend, biases=torch.full((len(rows), 3), -math.log(3)), temperature=temperature)
+    stop = early_stop(model, tokenizer, rows, 1, SegmentMask, kwargs)
+
+    def run():
+        rec = Recorder()
+        return decode(model, tokenizer, rows, 1, rec, stop, SegmentMask, kwargs)[0], rec
+    assert_same(*both_ways(model, run))
+
+
+def test_prefix_is_computed_once_per_run_and_rebuilt_for_another_format():
+    model, tokenizer = cached_tiny("llama")
+    rows, _ = rows_of(tokenizer, "left")
+    stop = StopRule(set(), 2, first_line_only=False)
+    cache = prefix_cache(model)
+    cache.entries = {}
+    _, first = decode(model, tokenizer, rows[:2], 1, Recorder(), stop, SegmentMask)
+    _, second = decode(model, tokenizer, rows[2:], 1, Recorder(), stop, SegmentMask)
+    prefix_len = len(next(iter(cache.entries))[0])
+    assert prefix_len > 100  # the instruction and both few-shot examples
+    assert first.prefill_tokens == prefix_len + 2 * (max(len(r.input_ids) for r in rows[:2]) - prefix_len)
+    assert second.prefill_tokens == 2 * (max(len(r.input_ids) for r in rows[2:]) - prefix_len)  # reused
+    other = Dataset("t", "qa", QUESTIONS, [("another example?", "yes")])
+    decode(model, tokenizer, [fused_row(tokenizer, other.prompt_parts(QUESTIONS[0], 3))], 1, Recorder(), stop,
+           SegmentMask)
+    assert len(cache.entries) == 1 and len(next(iter(cache.entries))[0]) != prefix_len  # a new format, rebuilt

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 N ?= 5
 RESULTS := results/webqa_sample/smollm2_135m_it
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test bench gpu-check clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt Makefile
@@ -32,6 +32,23 @@ test: setup
 
 bench: model
 	$(BIN)/python benchmarks/bench_ensemble.py
+
+# make gpu-check: on one CUDA GPU, in under 8 minutes: the tests marked cuda, then benchmarks/gpu_check.py (the
+# timing table, also as benchmarks/results/gpu_check.json). It uses .venv where there is one, else $(PYTHON) as it
+# is (a GPU machine with torch preinstalled); there, wheels copied into .whl/ are installed into it first,
+# offline, without their dependencies (benchmarks/README.md says which). GPU_CHECK_ARGS go to gpu_check.py.
+GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	@if [ ! -x $(BIN)/python ] && ls .whl/*.whl >/dev/null 2>&1; then \
+	  echo "gpu-check: installing $$(ls .whl/*.whl | wc -l) wheels from .whl/ into $(GPU_PYTHON) (offline, --no-deps)"; \
+	  PIP_BREAK_SYSTEM_PACKAGES=1 $(GPU_PYTHON) -m pip install -q --disable-pip-version-check --no-index --no-deps .whl/*.whl; \
+	fi
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else \
+	  f'gpu-check: no CUDA GPU visible to torch {torch.__version__} ({sys.executable}); run it on a GPU machine')"
+	$(GPU_PYTHON) -m pytest -q -rfEs -m cuda tests/test_cuda.py
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf results benchmarks/results

@@ -102,9 +102,11 @@ PARAPHRASE_EXAMPLES = [
 PARAPHRASE_BATCH_SIZE = 8  # upstream's: every batch restarts the pass's seed, so it shapes the samples
 
 # Attention-level fusion defaults, chosen on the dev set (see README "Choosing the defaults").
+DEFAULT_NUM_PARAPHRASES = 5
 DEFAULT_POSITIONS = "left"
 DEFAULT_FUSION_BIAS = "uniform"
 DEFAULT_FUSION_TEMPERATURE = 1.0
+DEFAULT_FEWSHOT_FORMAT = "single"
 
 LOGIT_METHODS = ("per_prompt", "origin", "avg", "max", "weighted_avg", "weighted_max")
 DEFAULT_MAX_NEW_TOKENS = 16

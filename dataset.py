@@ -32,14 +32,36 @@ class Record:
 
 @dataclass
 class PromptParts:
-    """A prompt cut where attention-level fusion needs it: prefix (instruction and few-shot, shared),
-    one segment per paraphrase, suffix (the answer cue, shared)."""
-    prefix: str
-    segments: list[str]
-    suffix: str
+    """A prompt cut where attention-level fusion needs it: shared texts (seen once) alternating with
+    paraphrase texts (one per paraphrase, isolated from each other while they are encoded)
+
+        [shared 0][paraphrases 1][shared 1] ... [paraphrases K][shared K]
+
+    Usually K = 1: the prefix (instruction and few-shot examples), the question's N paraphrases and the
+    answer cue. In the fused few-shot format each example is a block of its own: its N paraphrases, then
+    its answer as the shared text after them."""
+    shared: list[str]
+    paraphrases: list[list[str]]
+
+    @property
+    def prefix(self) -> str:
+        return self.shared[0]
+
+    @property
+    def segments(self) -> list[str]:
+        """The question's paraphrases (the last block)."""
+        return self.paraphrases[-1]
+
+    @property
+    def suffix(self) -> str:
+        return self.shared[-1]
 
     def full(self, i: int) -> str:
-        return self.prefix + self.segments[i] + self.suffix
+        """The plain prompt of paraphrase i: the text the model reads when it is asked alone."""
+        return self.shared[0] + "".join(block[i] + after for block, after in zip(self.paraphrases, self.shared[1:]))
+
+
+FEWSHOT_FORMATS = ("single", "fused")
 
 
 @dataclass
@@ -47,15 +69,25 @@ class Dataset:
     name: str
     task: str  # "qa" or "mask"
     records: list[Record]
-    few_shot: list[tuple[str, str]] = field(default_factory=list)
+    few_shot: list[tuple[str, str]] = field(default_factory=list)  # (question as shown, answer)
+    few_shot_paraphrases: list[list[str]] = field(default_factory=list)  # each example's paraphrases, if known
 
-    def prompt_parts(self, record: Record, n: int) -> PromptParts:
+    def prompt_parts(self, record: Record, n: int, fewshot: str = "single") -> PromptParts:
+        """single: every few-shot example as one question and its answer; fused: as its N paraphrases (cycled
+        if it has fewer), isolated like the question's, then its answer."""
         if len(record.paraphrases) < n:  # never silently fuse fewer paraphrases than asked for
             raise InputError(f"{self.name}: question {record.uuid} has {len(record.paraphrases)} paraphrases, "
                              f"fewer than the {n} asked for")
         instruction = QA_INSTRUCTION if self.task == "qa" else MASK_INSTRUCTION
-        shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.few_shot)
-        return PromptParts(f"{instruction}\n\n{shots}", [f"Q: {p}" for p in record.paraphrases[:n]], "\nA:")
+        question = [f"Q: {p}" for p in record.paraphrases[:n]]
+        if fewshot == "single":
+            shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.few_shot)
+            return PromptParts([f"{instruction}\n\n{shots}", "\nA:"], [question])
+        if len(self.few_shot_paraphrases) != len(self.few_shot):
+            raise InputError(f"{self.name}: its few-shot examples have no paraphrases; use --fewshot-format single")
+        examples = [[f"Q: {shot[i % len(shot)]}" for i in range(n)] for shot in self.few_shot_paraphrases]
+        answers = [f"\nA: {a}\n\n" for _, a in self.few_shot]
+        return PromptParts([f"{instruction}\n\n", *answers, "\nA:"], [*examples, question])
 
     def check_paraphrases(self, n: int) -> None:
         """Every record must have at least n paraphrases (the original counts)."""
@@ -115,7 +147,7 @@ def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl") -> Dataset:
     if not records:
         raise InputError(f"{path}: no questions left to answer after taking the few-shot examples")
     shots = [(r.paraphrases[0], r.answers[0] if r.answers else "") for r in train[:NUM_FEW_SHOT]]
-    return Dataset(name, task, records, shots)
+    return Dataset(name, task, records, shots, [r.paraphrases for r in train[:NUM_FEW_SHOT]])
 
 
 # ---------------------------------------------------------------- the hub, failing fast when offline
@@ -403,9 +435,10 @@ def load_myriadlama(data_file: Path | None, paraphrase_set: str | None = None) -
     split = HFDataset.from_dict({"fact": list(range(len(facts)))}).train_test_split(
         test_size=min(MYRIADLAMA_TEST_FACTS, len(facts) - NUM_FEW_SHOT), seed=MYRIADLAMA_SPLIT_SEED, shuffle=True)
     train = [facts[i] for i in split["train"]["fact"]]
-    shots = [few_shot_example(train[i]) for i in upstream_few_shot(len(train), MYRIADLAMA_FEW_SHOT_SEED)]
+    examples = [train[i] for i in upstream_few_shot(len(train), MYRIADLAMA_FEW_SHOT_SEED)]
     records = [Record(facts[i].uuid, fact_prompts(facts[i], num_auto), facts[i].answers) for i in split["test"]["fact"]]
-    return Dataset("myriadlama", "mask", records, shots)
+    return Dataset("myriadlama", "mask", records, [few_shot_example(f) for f in examples],
+                   [fact_prompts(f, num_auto) for f in examples])
 
 
 # ---------------------------------------------------------------- the entry point

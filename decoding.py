@@ -5,6 +5,7 @@ questions dropped from the batch. Generators differ only in how a step's logits 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from constants import InputError
-from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, attention_implementation
+from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SHOT_ANSWER, SHOT_STRIDE, attention_implementation
 
 
 @dataclass
@@ -28,62 +29,107 @@ class Row:
 POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted as the old name of "left"
 
 
-def build_row(prefix: list[int], segments: list[list[int]], suffix: list[int], positions: str = "left") -> Row:
-    """`[prefix][segment 1]..[segment N][suffix]` with position ids. left (Parallel Context Windows): every
-    segment starts right after the prefix, the suffix follows the longest; right (Structured Prompting):
-    every segment ends right before the suffix; continuous: 0..L-1 (upstream)."""
+def layout_row(shared: list[list[int]], paraphrases: list[list[list[int]]], positions: str = "left") -> Row:
+    """`[shared 0][paraphrases 1][shared 1]...[paraphrases K][shared K]` with segment and position ids
+    (see PromptParts). Within a block, left (Parallel Context Windows): every paraphrase starts where the
+    block starts, the shared text after it follows the longest; right (Structured Prompting): every
+    paraphrase ends right before that shared text; continuous: 0..L-1 (upstream)."""
     positions = "left" if positions == "aligned" else positions
-    ids, seg, pos = list(prefix), [PREFIX_SEGMENT] * len(prefix), list(range(len(prefix)))
-    start, longest = len(prefix), max((len(t) for t in segments), default=0)
-    for i, tokens in enumerate(segments, 1):
-        first = {"left": start, "right": start + longest - len(tokens)}.get(positions, len(ids))
-        ids += tokens
-        seg += [i] * len(tokens)
-        pos += range(first, first + len(tokens))
-    after = len(ids) if positions == "continuous" else start + longest
-    ids += suffix
-    seg += [FUSED_SEGMENT] * len(suffix)
-    pos += range(after, after + len(suffix))
+    ids, seg, pos = list(shared[0]), [PREFIX_SEGMENT] * len(shared[0]), list(range(len(shared[0])))
+    for j, (block, after) in enumerate(zip(paraphrases, shared[1:]), 1):
+        question = j == len(paraphrases)  # the last block is the question's; earlier ones few-shot examples
+        start, longest = (pos[-1] + 1 if pos else 0), max((len(t) for t in block), default=0)
+        for i, tokens in enumerate(block, 1):
+            first = {"left": start, "right": start + longest - len(tokens)}.get(positions, len(ids))
+            ids += tokens
+            seg += [i if question else j * SHOT_STRIDE + i] * len(tokens)
+            pos += range(first, first + len(tokens))
+        following = len(ids) if positions == "continuous" else start + longest
+        ids += after
+        seg += [FUSED_SEGMENT if question else j * SHOT_STRIDE + SHOT_ANSWER] * len(after)
+        pos += range(following, following + len(after))
     return Row(ids, seg, pos)
 
 
+def build_row(prefix: list[int], segments: list[list[int]], suffix: list[int], positions: str = "left") -> Row:
+    """`[prefix][segment 1]..[segment N][suffix]`: one block of paraphrases between two shared parts."""
+    return layout_row([prefix, suffix], [segments], positions)
+
+
+def encode_parts(tokenizer, parts) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Token ids of a prompt's shared parts and paraphrase blocks (PromptParts), cut from the tokenisation
+    of each whole plain prompt `parts.full(i)` (BOS included if the tokenizer adds one), so that joining
+    the parts with paraphrase i of every block gives exactly `tokenizer(parts.full(i))`: the tokens the
+    model reads for that text. A shared part keeps the longest run of its tokens that every prompt has; a
+    token merged across a cut (e.g. "?\\n") goes to the paraphrase beside it."""
+    n = len(parts.paraphrases[-1])
+    encoded = tokenizer([parts.full(i) for i in range(n)], add_special_tokens=True, return_offsets_mapping=True)
+    pieces = [split_at(offsets, piece_ends(parts, i), ids)
+              for i, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"]))]
+    shared = []
+    for k in range(0, len(pieces[0]), 2):
+        lists = [p[k] for p in pieces]
+        run, where = common_run(lists, first=k == 0, last=k == len(pieces[0]) - 1)
+        if not run and parts.shared[k // 2].strip():
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise InputError(f"tokenizer {name}: the shared text {parts.shared[k // 2]!r} is tokenised differently "
+                             f"after each paraphrase; no shared tokens to fuse on")
+        for p, x in zip(pieces, where):  # what a prompt has beyond the shared run goes to the paraphrases beside
+            before, after = p[k][:x], p[k][x + len(run):]
+            if k > 0:
+                p[k - 1] = p[k - 1] + before
+            if k + 1 < len(p):
+                p[k + 1] = after + p[k + 1]
+        shared.append(run)
+    blocks = [[p[k] for p in pieces] for k in range(1, len(pieces[0]), 2)]
+    return shared, blocks
+
+
+def piece_ends(parts, i: int) -> list[int]:
+    """Character offsets where each piece of plain prompt i ends: shared 0, paraphrase block 1, shared 1..."""
+    texts = [parts.shared[0]] + [t for block, after in zip(parts.paraphrases, parts.shared[1:]) for t in (block[i], after)]
+    return list(itertools.accumulate(len(t) for t in texts))
+
+
+def split_at(offsets: list[tuple[int, int]], ends: list[int], ids: list[int]) -> list[list[int]]:
+    """The tokens of one prompt per piece: a token belongs to the piece it starts in, or to the paraphrase
+    piece (odd index) if it runs from a shared piece into one."""
+    pieces: list[list[int]] = [[] for _ in ends]
+    k = 0
+    for token, (start, end) in zip(ids, offsets):
+        while k < len(ends) - 1 and start >= ends[k]:
+            k += 1
+        owner = k + 1 if k % 2 == 0 and end > ends[k] and k + 1 < len(ends) else k
+        pieces[owner].append(token)
+    return pieces
+
+
+def common_run(lists: list[list[int]], first: bool, last: bool) -> tuple[list[int], list[int]]:
+    """The longest run of tokens every list contains (at its start if `first`, at its end if `last`), and
+    where it starts in each list."""
+    ref = lists[0]
+    for length in range(len(ref), 0, -1):
+        starts = [0] if first else [len(ref) - length] if last else range(len(ref) - length + 1)
+        for a in starts:
+            run = ref[a:a + length]
+            where = [find_run(l, run, first, last) for l in lists]
+            if all(w is not None for w in where):
+                return run, where
+    return [], [0 if first else len(l) for l in lists]
+
+
+def find_run(tokens: list[int], run: list[int], first: bool, last: bool) -> int | None:
+    starts = [0] if first else [len(tokens) - len(run)] if last else range(len(tokens) - len(run) + 1)
+    return next((x for x in starts if x >= 0 and tokens[x:x + len(run)] == run), None)
+
+
 def encode_prompt(tokenizer, prefix: str, segments: list[str], suffix: str) -> tuple[list[int], list[list[int]], list[int]]:
-    """Token ids of the prompt's parts, cut from the tokenisation of each whole prompt `prefix + segment i +
-    suffix` (BOS included if the tokenizer adds one), so that prefix + segment i + suffix is exactly
-    `tokenizer(full prompt i)`: the tokens the model reads for that text. The shared prefix (suffix) is the
-    longest run of leading (trailing) tokens that all prompts share and that lies inside the prefix
-    (suffix) text; a token merged across a cut (e.g. "?\n") goes to the segment."""
-    texts = [prefix + s + suffix for s in segments] or [prefix + suffix]
-    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    leads = [row[:leading(end <= len(prefix) for _, end in offs)] for row, offs in zip(ids, offsets)]
-    trails = [row[::-1][:leading(start >= len(text) - len(suffix) for start, _ in offs[::-1])]
-              for row, offs, text in zip(ids, offsets, texts)]
-    head = shared_run(leads)
-    tail = min(shared_run(trails), min(len(row) for row in ids) - head)
-    if suffix and not tail:
-        raise InputError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: the answer "
-                         f"cue {suffix!r} is tokenised differently after each paraphrase; no shared suffix to fuse on")
-    return ids[0][:head], [row[head:len(row) - tail] for row in ids][:len(segments)], ids[0][len(ids[0]) - tail:]
-
-
-def leading(flags) -> int:
-    """How many of the first flags are true."""
-    count = 0
-    for flag in flags:
-        if not flag:
-            break
-        count += 1
-    return count
-
-
-def shared_run(rows: list[list[int]]) -> int:
-    """The length of the longest run of leading ids that every row has."""
-    length = min(len(r) for r in rows)
-    for i in range(length):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return length
+    """`encode_parts` for one block: (prefix ids, one id list per segment, suffix ids)."""
+    from dataset import PromptParts
+    shared, blocks = encode_parts(tokenizer, PromptParts([prefix, suffix], [segments or [""]]))
+    if not segments:  # a plain prompt: what straddled the cut belongs to the suffix
+        return shared[0], [], blocks[0][0] + shared[1]
+    return shared[0], blocks[0], shared[1]
 
 
 def pad_left(rows: list[Row], pad_id: int, device: torch.device, after: int = 0
@@ -297,15 +343,15 @@ def answer_text(tokenizer, tokens: list[int]) -> tuple[str, str]:
 
 
 def single_rows(tokenizer, parts, indices: list[int]) -> list[Row]:
-    """One row per paraphrase: `[prefix][paraphrase i][suffix]`, a plain prompt."""
-    prefix, segments, suffix = encode_prompt(tokenizer, parts.prefix, parts.segments, parts.suffix)
-    return [build_row(prefix, [segments[i]], suffix) for i in indices]
+    """One row per paraphrase i: its plain prompt `parts.full(i)`, exactly as the tokenizer reads it."""
+    shared, blocks = encode_parts(tokenizer, parts)
+    return [layout_row(shared, [[block[i]] for block in blocks]) for i in indices]
 
 
 def fused_row(tokenizer, parts, positions: str = "left") -> Row:
-    """All paraphrases in one row: `[prefix][paraphrase 1]..[paraphrase N][suffix]`."""
-    prefix, segments, suffix = encode_prompt(tokenizer, parts.prefix, parts.segments, parts.suffix)
-    return build_row(prefix, segments, suffix, positions)
+    """All paraphrases in one row: `[prefix][paraphrase 1]..[paraphrase N][suffix]` (per block)."""
+    shared, blocks = encode_parts(tokenizer, parts)
+    return layout_row(shared, blocks, positions)
 
 
 def check_context(model, rows: list[Row], max_new_tokens: int, where: str) -> None:

@@ -6,7 +6,7 @@ appended to all N rows.
 """
 from __future__ import annotations
 
-from constants import DEFAULT_CONFIDENCE_SAMPLES, LOGIT_METHODS
+from constants import DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_NUM_PARAPHRASES, LOGIT_METHODS
 from confidence import confidences
 from dataset import Record
 from decoding import StopRule, eos_ids, single_rows
@@ -22,26 +22,32 @@ def output_name(method: str, n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--method", default="avg", choices=LOGIT_METHODS)
-    p.add_argument("--num-ensemble", "--num_ensemble", type=int, default=5, help="paraphrases per question (N)")
+    p.add_argument("--num-ensemble", "--num_ensemble", type=int,
+                   help="paraphrases per question (N); default 5, and for per_prompt every paraphrase")
     p.add_argument("--confidence-samples", type=int, default=DEFAULT_CONFIDENCE_SAMPLES,
                    help="K sampled answers per paraphrase for weighted methods (upstream: 100)")
     args = p.parse_args(argv)
-    n = 1 if args.method == "origin" else args.num_ensemble
-    dataset, model, tokenizer = load_job(args, n)
-    stop = StopRule(eos_ids(model, tokenizer), args.max_new_tokens)
-    check_prompts(model, dataset, lambda r: single_rows(tokenizer, dataset.prompt_parts(r, n), list(range(n))),
-                  args.max_new_tokens)
+    every = args.method == "per_prompt" and args.num_ensemble is None  # upstream: all paraphrases of a question
+    n = 1 if args.method == "origin" else args.num_ensemble or DEFAULT_NUM_PARAPHRASES
     out_dir = output_dir(args)
-    weighted = args.method.startswith("weighted")
+    table = out_dir / output_name(args.method, n)
+    dataset, model, tokenizer = load_job(args, 1 if every else n, table)
+    stop = StopRule(eos_ids(model, tokenizer), args.max_new_tokens)
+    def count(record: Record) -> int:
+        return len(record.paraphrases) if every else n
+    check_prompts(model, dataset, lambda r: single_rows(tokenizer, dataset.prompt_parts(r, count(r)),
+                                                        list(range(count(r)))), args.max_new_tokens)
 
     def answer_batch(batch: list[Record]) -> list[dict]:
         if args.method in ("per_prompt", "origin"):
-            return answer_per_prompt(model, tokenizer, dataset, batch, n, stop, args.method)[0]
-        conf = confidences(model, tokenizer, dataset, batch, n, args.confidence_samples, stop,
-                           out_dir / "confidence.feather", args.seed) if weighted else None
-        return answer_ensemble(model, tokenizer, dataset, batch, n, stop, args.method, conf)[0]
+            return answer_per_prompt(model, tokenizer, dataset, batch, None if every else n, stop, args.method)[0]
+        if not args.method.startswith("weighted"):
+            return answer_ensemble(model, tokenizer, dataset, batch, n, stop, args.method)[0]
+        conf = confidences(model, tokenizer, dataset, batch, n, args.confidence_samples, stop, out_dir, args.seed,
+                           model_name=args.model)
+        return conf.annotate(answer_ensemble(model, tokenizer, dataset, batch, n, stop, args.method, conf.values)[0])
 
-    run_job(args, dataset, out_dir / output_name(args.method, n), answer_batch)
+    run_job(args, dataset, table, answer_batch, model=model)
     return 0
 
 

@@ -4,10 +4,12 @@ question at every step) and attention-level fusion (one fused row, the mask of s
 generate.py and flex_attention_generate.py are their commands; the benchmark calls them too."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from confidence import normalised_weights
-from constants import DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS, InputError
+from constants import DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS, InputError
 from dataset import Dataset, Record
 from decoding import DecodeStats, StopRule, decode, fused_row, greedy, single_rows
 from results import result_row
@@ -28,18 +30,19 @@ def fuse_logits(logits: torch.Tensor, method: str, weights: torch.Tensor | None 
     raise ValueError(f"unknown fusion method {method!r}")
 
 
-def answer_per_prompt(model, tokenizer, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+def answer_per_prompt(model, tokenizer, dataset: Dataset, batch: list[Record], n: int | None, stop: StopRule,
                       method: str) -> tuple[list[dict], DecodeStats]:
-    """per_prompt (every paraphrase alone) and origin (paraphrase 0 alone): one row per prompt, and the
-    decode statistics."""
-    indices = [0] if method == "origin" else list(range(n))
-    parts = [dataset.prompt_parts(r, n) for r in batch]
-    rows = [row for p in parts for row in single_rows(tokenizer, p, indices)]
+    """per_prompt (each of the first n paraphrases alone; n None: every paraphrase of the question, as
+    upstream) and origin (paraphrase 0 alone): one row per prompt, and the decode statistics."""
+    counts = [1 if method == "origin" else n or len(r.paraphrases) for r in batch]
+    parts = [dataset.prompt_parts(r, k) for r, k in zip(batch, counts)]
+    jobs = [(record, p, i) for record, p, k in zip(batch, parts, counts) for i in range(k)]
+    rows = [row for p, k in zip(parts, counts) for row in single_rows(tokenizer, p, list(range(k)))]
     outputs, stats = decode(model, tokenizer, rows, 1, greedy, stop)
     seconds = stats.seconds / len(rows)
-    return [result_row(record, tokenizer, outputs[q * len(indices) + j], paraphrases=[record.paraphrases[i]],
-                       prompts=[p.full(i)], seconds=seconds, method=method, num_ensemble=n, paraphrase_index=i)
-            for q, (record, p) in enumerate(zip(batch, parts)) for j, i in enumerate(indices)], stats
+    return [result_row(record, tokenizer, tokens, paraphrases=[record.paraphrases[i]], prompts=[p.full(i)],
+                       seconds=seconds, method=method, num_ensemble=len(p.segments), paraphrase_index=i)
+            for (record, p, i), tokens in zip(jobs, outputs)], stats
 
 
 def answer_ensemble(model, tokenizer, dataset: Dataset, batch: list[Record], n: int, stop: StopRule, method: str,
@@ -65,10 +68,12 @@ def answer_ensemble(model, tokenizer, dataset: Dataset, batch: list[Record], n: 
 def answer_fused(model, tokenizer, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
                  positions: str = DEFAULT_POSITIONS, backend: str = "sdpa", fusion_bias: str = DEFAULT_FUSION_BIAS,
                  weights: dict[str, tuple[list[float], bool]] | None = None, compile: bool = False,
-                 temperature: float = DEFAULT_FUSION_TEMPERATURE) -> tuple[list[dict], DecodeStats]:
+                 temperature: float = DEFAULT_FUSION_TEMPERATURE, fewshot: str = DEFAULT_FEWSHOT_FORMAT
+                 ) -> tuple[list[dict], DecodeStats]:
     """One fused row per question: (result rows, decode statistics). `weights` (uuid -> normalised
-    confidences, fallback flag) for --fusion-bias confidence."""
-    parts = [dataset.prompt_parts(r, n) for r in batch]
+    confidences, fallback flag) for --fusion-bias confidence; `fewshot` fused shows each few-shot example
+    as its N paraphrases too (their bias is -log N whenever a bias is on)."""
+    parts = [dataset.prompt_parts(r, n, fewshot) for r in batch]
     rows = [fused_row(tokenizer, p, positions) for p in parts]
     biases = None
     if fusion_bias != "none":
@@ -76,12 +81,12 @@ def answer_fused(model, tokenizer, dataset: Dataset, batch: list[Record], n: int
                               device=model.device)
     outputs, stats = decode(model, tokenizer, rows, 1, greedy, stop, SegmentMask,
                             dict(backend=backend, biases=biases, dtype=model.dtype, compile=compile,
-                                 temperature=temperature))
+                                 temperature=temperature, example_bias=-math.log(n) if biases is not None else 0.0))
     seconds = stats.seconds / len(batch)
     return [result_row(record, tokenizer, tokens, paraphrases=record.paraphrases[:n],
                        prompts=[tokenizer.decode(row.input_ids)], seconds=seconds, method="flex_attention",
                        num_ensemble=n, positions=positions, attn_backend=backend, fusion_bias=fusion_bias,
-                       fusion_temperature=temperature,
+                       fusion_temperature=temperature, fewshot_format=fewshot,
                        **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}))
             for record, row, tokens in zip(batch, rows, outputs)], stats
 

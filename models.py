@@ -6,6 +6,7 @@ import copy
 import hashlib
 import importlib.util
 import logging
+import re
 import os
 import shutil
 import tempfile
@@ -22,10 +23,15 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """auto (a GPU if there is one), cpu, cuda or cuda:N."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise InputError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return torch.device(device)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from constants import CACHE_DIR, PARAPHRASE_BATCH_SIZE, PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION, safe_name
+from constants import (CACHE_DIR, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P, PARAPHRASE_BATCH_SIZE,
+                       PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION, safe_name)
 from dataset import Record
 from decoding import Row, Sampler, StopRule, answer_text, build_row, decode, eos_ids
 from results import atomic_write
@@ -34,8 +35,8 @@ class Paraphraser:
     tokenizer: object
     model_name: str
     seed: int = 0
-    temperature: float = 1.5
-    top_p: float = 0.9
+    temperature: float = DEFAULT_PARAPHRASE_TEMPERATURE
+    top_p: float = DEFAULT_PARAPHRASE_TOP_P
     max_new_tokens: int = 30
     batch_size: int = PARAPHRASE_BATCH_SIZE
 

@@ -14,9 +14,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from constants import DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS, DATASETS, DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, InputError, safe_name
-from constants import DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P, WEBQA_SAMPLE_FILE
-from dataset import Dataset, Record, load_dataset_by_name
+from constants import (DATASETS, DEFAULT_DATASET, DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE,
+                       DEFAULT_MAX_NEW_TOKENS, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P,
+                       DEFAULT_POSITIONS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, WEBQA_SAMPLE_FILE, InputError,
+                       safe_name)
+from dataset import FEWSHOT_FORMATS, Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
+from decoding import prefix_cache
 from results import OneLineParser, ResultWriter, TableLock, check_settings, check_writable_dir
 
 log = logging.getLogger("self_ensemble")
@@ -32,7 +35,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="answer only the first LIMIT questions")
     p.add_argument("--batch-size", "--batch_size", type=int, default=8, help="questions per batch")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device-map", "--device_map", help="'auto' spreads one large model over several GPUs")
     p.add_argument("--output-dir", "--output_dir", help="default results/<dataset>/<model>/")
@@ -41,6 +44,10 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--paraphrase-temperature", type=float, default=DEFAULT_PARAPHRASE_TEMPERATURE,
                    help="webqa: sampling temperature of paraphrasing")
     p.add_argument("--paraphrase-top-p", type=float, default=DEFAULT_PARAPHRASE_TOP_P, help="webqa: top-p of paraphrasing")
+    p.add_argument("--paraphrases", metavar="SET", help="myriadlama: templates per fact: manual, manual+autoK "
+                   "(K auto templates drawn per fact as upstream) or all (default manual+auto5, upstream's)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="encode the shared prefix in every batch instead of once per run (the reference)")
     return p
 
 
@@ -109,14 +116,14 @@ def warnings_only_if_it_works():
         root.handle(record)
 
 
-def read_data(args, num_paraphrases: int, paraphraser=None) -> Dataset:
+def read_data(args, num_paraphrases: int) -> Dataset:
     """The dataset, with a file that cannot be read (not UTF-8, not readable) reported in one line naming it;
     what the loaders warn about is shown only when the data is good."""
     extra = {"paraphrase_set": args.paraphrases} if getattr(args, "paraphrases", None) is not None else {}
     where = data_path(args) or args.dataset
     try:
         with warnings_only_if_it_works():
-            dataset = load_dataset_by_name(args.dataset, args.data_file, args.task, num_paraphrases, paraphraser,
+            dataset = load_dataset_by_name(args.dataset, args.data_file, args.task, num_paraphrases, None,
                                            args.limit, **extra)
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
@@ -135,6 +142,7 @@ def load_job(args, num_paraphrases: int, table: Path | None = None):
     output folder (writable; `table`, if given, not being written by another process) and the data.
     WebQA's paraphrases are made by the model, so only they wait for it."""
     from models import load_model
+    args.paraphrases = resolve_paraphrase_set(args.dataset, getattr(args, "paraphrases", None))
     device = check_flags(args)
     state = process_state()
     if args.device == "auto" and state.num_processes > 1:
@@ -148,11 +156,13 @@ def load_job(args, num_paraphrases: int, table: Path | None = None):
     model_paraphrases = args.dataset == "webqa" and num_paraphrases > 1
     dataset = read_data(args, 1 if model_paraphrases else num_paraphrases)
     model, tokenizer = load_model(args.model, str(device), args.dtype, device_map=args.device_map)
-    if model_paraphrases:
+    prefix_cache(model).enabled = not getattr(args, "no_prefix_cache", False)
+    if model_paraphrases:  # the questions were read above; the model adds their paraphrases
         from paraphrase import Paraphraser
         paraphraser = Paraphraser(model, tokenizer, args.model, seed=args.seed,
                                   temperature=args.paraphrase_temperature, top_p=args.paraphrase_top_p)
-        dataset = read_data(args, num_paraphrases, paraphraser)
+        dataset.records = paraphraser(dataset.records, num_paraphrases - 1)
+        dataset.check_paraphrases(num_paraphrases)
     return dataset, model, tokenizer
 
 
@@ -190,7 +200,8 @@ def output_settings(args, model=None, settings: dict | None = None) -> dict:
     content hash, the resolved dtype and device type, the model's revision where known, and the
     attention backend and compile mode (`settings`, as the script resolved them; else its flags)."""
     from models import model_revision, resolve_device, resolve_dtype
-    ignored = {"batch_size", "no_progress", "output_dir", "device", "device_map", "limit", "data_file", "dtype"}
+    ignored = {"batch_size", "no_progress", "output_dir", "device", "device_map", "limit", "data_file", "dtype",
+               "no_prefix_cache"}
     out = {k: v for k, v in vars(args).items() if k not in ignored}
     out["data"] = data_fingerprint(args)
     if model is not None:
@@ -261,3 +272,6 @@ def add_fusion_flags(p: argparse.ArgumentParser) -> None:
                    help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight)")
     p.add_argument("--fusion-temperature", type=float, default=DEFAULT_FUSION_TEMPERATURE,
                    help="the answer's scores on paraphrase keys divided by T (APE); 1: off")
+    p.add_argument("--fewshot-format", choices=FEWSHOT_FORMATS, default=DEFAULT_FEWSHOT_FORMAT,
+                   help="single: each few-shot example as one question; fused: as its N isolated paraphrases, "
+                        "then its answer (the same shape as the question)")

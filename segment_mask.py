@@ -37,7 +37,11 @@ import torch
 PAD_SEGMENT = -1         # padding: attends to itself only, seen by nobody
 PREFIX_SEGMENT = 0       # instruction and few-shot examples: seen by every token after it
 FUSED_SEGMENT = 1 << 20  # answer cue and generated tokens: see everything before them
-# paraphrase segments are numbered 1..N: each sees the prefix and itself
+# the question's paraphrase segments are numbered 1..N: each sees the prefix and itself. With few-shot
+# examples shown as paraphrases too (--fewshot-format fused), example j's paraphrase i is j*SHOT_STRIDE + i
+# and its answer j*SHOT_STRIDE + SHOT_ANSWER: the answer sees its paraphrases, later tokens the whole example.
+SHOT_STRIDE = 1024
+SHOT_ANSWER = SHOT_STRIDE - 1
 
 FLEX_ATTENTION = "self_ensemble_flex"    # our names in transformers' AttentionInterface
 DENSE_ATTENTION = "self_ensemble_dense"
@@ -50,6 +54,16 @@ MaskMod = Callable[..., torch.Tensor]  # (b, h, q_idx, kv_idx) -> bool tensor
 
 
 # ---------------------------------------------------------------- the rule, in small named mask_mods
+
+def paraphrase_tokens(seg: torch.Tensor) -> torch.Tensor:
+    """Tokens of a paraphrase segment, the question's or a few-shot example's (not an example's answer)."""
+    return (seg >= 1) & (seg < FUSED_SEGMENT) & (seg % SHOT_STRIDE != SHOT_ANSWER)
+
+
+def segment_block(seg: torch.Tensor) -> torch.Tensor:
+    """The block a segment id belongs to: 0 for the question's paraphrases, j for few-shot example j."""
+    return torch.where(seg == FUSED_SEGMENT, 0, seg // SHOT_STRIDE)
+
 
 def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor) -> MaskMod:
     """Who may attend to whom, from segment ids [B, T] (T covers prompt and generated tokens).
@@ -84,19 +98,29 @@ def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor) -> MaskM
         """The suffix and every generated token see all paraphrases."""
         return q_segment(b, q_idx) == FUSED_SEGMENT
 
+    def earlier_block(b, h, q_idx, kv_idx):
+        """A few-shot example shown as N paraphrases is, once answered, plain context for all after it."""
+        return segment_block(kv_segment(b, kv_idx)) != segment_block(q_segment(b, q_idx))
+
+    def example_answer(b, h, q_idx, kv_idx):
+        """A few-shot example's answer sees all of its own paraphrases (the example's fused part)."""
+        q = q_segment(b, q_idx)
+        return (q % SHOT_STRIDE == SHOT_ANSWER) & (segment_block(kv_segment(b, kv_idx)) == segment_block(q))
+
     def self_token(b, h, q_idx, kv_idx):
         """Every token sees itself, padding included (a row of -inf would give NaN)."""
         return kv_idx == q_idx + q_offset
 
-    visible = or_masks(key_in_prefix, same_segment, fused_query)
+    visible = or_masks(key_in_prefix, same_segment, fused_query, earlier_block, example_answer)
     return or_masks(and_masks(causal, key_not_padding, visible), self_token)
 
 
-def fused_key_score(score: torch.Tensor, q_seg: torch.Tensor, kv_scale: torch.Tensor, kv_bias: torch.Tensor
-                    ) -> torch.Tensor:
-    """A fused query's (suffix or generated token) score on a paraphrase key: scaled by 1/T (APE's
-    temperature) and shifted by the paraphrase's bias (-log N, or log confidence); other scores as they are."""
-    return torch.where(q_seg == FUSED_SEGMENT, score * kv_scale + kv_bias, score)
+def fused_key_score(score: torch.Tensor, q_seg: torch.Tensor, kv_seg: torch.Tensor, kv_scale: torch.Tensor,
+                    kv_bias: torch.Tensor) -> torch.Tensor:
+    """A query's score on a paraphrase key of another segment (the answer reading the paraphrases): scaled
+    by 1/T (APE's temperature) and shifted by the paraphrase's bias (-log N, or log confidence). kv_scale
+    and kv_bias are 1 and 0 for other keys, so their scores stay as they are."""
+    return torch.where(q_seg != kv_seg, score * kv_scale + kv_bias, score)
 
 
 def fusion_score_mod(segment_ids: torch.Tensor, key_scale: torch.Tensor, key_bias: torch.Tensor,
@@ -107,7 +131,8 @@ def fusion_score_mod(segment_ids: torch.Tensor, key_scale: torch.Tensor, key_bia
 
     def score_mod(score, b, h, q_idx, kv_idx):
         kv = b * row_len + kv_idx
-        return fused_key_score(score, flat_seg[b * row_len + q_idx + q_offset], flat_scale[kv], flat_bias[kv])
+        return fused_key_score(score, flat_seg[b * row_len + q_idx + q_offset], flat_seg[kv], flat_scale[kv],
+                               flat_bias[kv])
     return score_mod
 
 
@@ -135,17 +160,18 @@ def build_dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, dev
     allowed = create_mask(mask_mod, batch, 1, q_len, kv_len, device=device)
     bias = torch.zeros((), device=device)
     if key_bias is not None:
-        q_seg = segment_ids[:, None, q_offset:q_offset + q_len, None]
-        bias = fused_key_score(bias, q_seg, 1.0, key_bias[:, None, None, :kv_len])
+        q_seg, kv_seg = segment_ids[:, None, q_offset:q_offset + q_len, None], segment_ids[:, None, None, :kv_len]
+        bias = fused_key_score(bias, q_seg, kv_seg, 1.0, key_bias[:, None, None, :kv_len])
     return torch.where(allowed, bias, float("-inf")).to(dtype)
 
 
 def dense_score_scale(segment_ids: torch.Tensor, key_scale: torch.Tensor, q_offset: int, q_len: int,
                       kv_len: int) -> torch.Tensor:
-    """[B, 1, q, kv] factors on the raw scores for the dense backend: 1/T where a fused query meets a
-    paraphrase key, 1 elsewhere (SDPA cannot scale some scores, so the dense path computes them)."""
-    q_seg = segment_ids[:, None, q_offset:q_offset + q_len, None]
-    return torch.where(q_seg == FUSED_SEGMENT, key_scale[:, None, None, :kv_len], 1.0)
+    """[B, 1, q, kv] factors on the raw scores for the dense backend: 1/T where a query meets a paraphrase
+    key of another segment, 1 elsewhere (SDPA cannot scale some scores, so the dense path computes them)."""
+    q_seg, kv_seg = segment_ids[:, None, q_offset:q_offset + q_len, None], segment_ids[:, None, None, :kv_len]
+    return fused_key_score(torch.ones((), device=segment_ids.device), q_seg, kv_seg, key_scale[:, None, None, :kv_len],
+                           0.0)
 
 
 def allowed_matrix(segment_ids: list[int]) -> torch.Tensor:
@@ -236,11 +262,12 @@ def attention_implementation(model, name: str) -> Iterator[None]:
 class SegmentMask:
     """The MaskRenderer of attention-level fusion, flex or sdpa (dense). The whole decode's mask (prompt
     plus max_new_tokens) is rendered once per batch; each decode step takes its query row from it.
-    biases [B, N]: each paraphrase's score bias for fused queries; temperature: their scores divided by T."""
+    biases [B, N]: each paraphrase's score bias for the queries that read it (the answer), example_bias the
+    same for few-shot examples' paraphrases; temperature: those scores divided by T."""
 
     def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, backend: str = "sdpa",
                  biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 temperature: float = 1.0, compile_backend="inductor"):
+                 temperature: float = 1.0, compile_backend="inductor", example_bias: float = 0.0):
         rows, self.length = segment_ids.shape
         self.total = self.length + max_new_tokens
         # generated tokens are fused; then padding up to a whole block past the end, because
@@ -248,21 +275,22 @@ class SegmentMask:
         width = -(-(self.total + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
         self.segment_ids = torch.cat([segment_ids, segment_ids.new_full((rows, max_new_tokens), FUSED_SEGMENT),
                                       segment_ids.new_full((rows, width - self.total), PAD_SEGMENT)], dim=1)
-        self.key_bias = self.token_bias(biases) if biases is not None else None
+        self.key_bias = self.token_bias(biases, example_bias) if biases is not None else None
         self.key_scale = None
         if temperature != 1.0:
-            paraphrase = (self.segment_ids >= 1) & (self.segment_ids < FUSED_SEGMENT)
-            self.key_scale = torch.where(paraphrase, 1.0 / temperature, 1.0)
+            self.key_scale = torch.where(paraphrase_tokens(self.segment_ids), 1.0 / temperature, 1.0)
             self.key_bias = self.key_bias if self.key_bias is not None else torch.zeros_like(self.key_scale)
         self.backend, self.dtype = backend, dtype
         self.flex_fn = flex_function(compile, compile_backend) if backend == "flex" else None
         self.full: dict | None = None  # the whole decode's mask, rendered at the first step
 
-    def token_bias(self, biases: torch.Tensor) -> torch.Tensor:
-        """Each paraphrase token gets its segment's bias (biases [B, N]); other tokens 0."""
+    def token_bias(self, biases: torch.Tensor, example_bias: float) -> torch.Tensor:
+        """Each of the question's paraphrase tokens gets its segment's bias (biases [B, N]); the few-shot
+        examples' paraphrase tokens `example_bias`; other tokens 0."""
         seg = self.segment_ids
-        paraphrase = (seg >= 1) & (seg <= biases.shape[1])
-        return torch.where(paraphrase, biases.float().gather(1, (seg - 1).clamp(0, biases.shape[1] - 1)), 0.0)
+        question = (seg >= 1) & (seg <= biases.shape[1])
+        own = biases.float().gather(1, (seg - 1).clamp(0, biases.shape[1] - 1))
+        return torch.where(question, own, torch.where(paraphrase_tokens(seg), example_bias, 0.0))
 
     def attention(self, model):
         """The attention implementation this mask is rendered for, for the length of one decode."""

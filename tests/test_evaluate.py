@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,49 @@ def test_cli_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_with_every_kind_of_file_reports_only_result_tables(tmp_path):
+    """Tables, their .jsonl copies and settings, partial files, a stale lock, an atomic write's leftover, an
+    earlier report, the confidence cache (and an earlier version's confidence.feather): only tables count."""
+    import generate
+    from confidence import confidences
+    from conftest import cached_tiny
+    from dataset import Dataset, Record
+    from decoding import StopRule, eos_ids
+
+    out = tmp_path / "run"
+    assert generate.main(["--model", "tiny-llama", "--limit", "2", "--max-new-tokens", "2", "--no-progress",
+                          "--method", "per_prompt", "--num_ensemble", "3", "--output-dir", str(out)]) == 0
+    model, tokenizer = cached_tiny("llama")
+    dataset = Dataset("test", "qa", [Record("q1", ["p0?", "p1?"], ["a"])], [])
+    confidences(model, tokenizer, dataset, dataset.records, 2, 2, StopRule(eos_ids(model, tokenizer), 2), out,
+                model_name="tiny-llama")
+    pd.DataFrame({"uuid": ["q1"], "paraphrase_index": [0], "paraphrase": ["p"], "greedy": ["a"], "samples": [10],
+                  "confidence": [0.5]}).to_feather(out / "confidence.feather")
+    (out / "ensemble_avg-3.rank0.partial.jsonl").write_text('{"uuid": "q1"}\n{"uuid": "q2", "pred')
+    (out / "ensemble_avg-3.settings.json").write_text("{}")
+    (out / "ensemble_avg-3.rank0.lock").write_text("pid 999999999 on nowhere")
+    (out / ".per_prompt.feather.x1y2.tmp").write_bytes(b"half a file")
+    assert evaluate.main(["--results-dir", str(out)]) == 0  # leaves report.md/.csv/.png behind
+    assert list((out / "confidence-cache").glob("*.feather"))
+    report = evaluate.build_report(out)
+    assert report["method"].tolist() == ["per_prompt"] and report["file"].tolist() == ["per_prompt.feather"]
+    assert evaluate.main(["--results-dir", str(out)]) == 0
+
+
+def test_confidence_time_counts_in_the_cost(tmp_path):
+    _table("weighted_avg", 3, ["q1", "q2"], ["Paris", "Creole"], [1.0, 2.0], [1, 1],
+           confidence_seconds=[4.0, 6.0]).to_feather(tmp_path / "ensemble_weighted_avg-3.feather")
+    report = evaluate.build_report(tmp_path)
+    assert report.loc[0, "seconds/question"] == pytest.approx((1 + 2 + 4 + 6) / 2)
+
+
+def test_reports_are_readable_as_the_umask_says(results_dir, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert evaluate.main(["--results-dir", str(results_dir), "--output-dir", str(tmp_path / "r")]) == 0
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir()} == {
+        "report.md": 0o640, "report.csv": 0o640, "report.png": 0o640}

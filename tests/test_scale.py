@@ -55,13 +55,61 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
     assert not (out / "ensemble_avg-3.feather").exists()  # nothing final was written by the killed run
+    assert f"pid {proc.pid} " in (out / "ensemble_avg-3.rank0.lock").read_text()  # left by the killed run
     done_before = partial.read_text().count("\n")
     assert 3 <= done_before < QUESTIONS
     resumed = subprocess.run([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR, env=ENV,
                              capture_output=True, text=True, timeout=600, check=True)
-    assert f"already done" in resumed.stderr
+    assert f"already done" in resumed.stderr and f"taking over the lock left by pid {proc.pid}" in resumed.stderr
     pd.testing.assert_frame_equal(comparable(out / "ensemble_avg-3.feather"), comparable(tmp_path / "ref" / "ensemble_avg-3.feather"))
-    assert not list(out.glob("*.partial.jsonl"))
+    assert not list(out.glob("*.partial.jsonl")) and not list(out.glob("*.lock"))
+    settings = json.loads((out / "ensemble_avg-3.settings.json").read_text())
+    assert settings["dtype"] == "float32" and settings["device"] == "cpu"  # resolved, not "auto"
+    assert settings["data"].startswith("sha256:") and "data_file" not in settings
+
+
+def test_a_live_writer_is_waited_for_and_a_dead_one_taken_over(tmp_path):
+    """Another live process writing the same table: refused in one line, nothing written. Once that process
+    is killed (its lock file stays behind), the same command takes the lock over and runs."""
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    table = out / "ensemble_max-3.feather"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from results import TableLock; "
+                               f"TableLock(__import__('pathlib').Path({str(table)!r})).acquire(); print('locked', flush=True); "
+                               "time.sleep(300)"], cwd=REPO_DIR, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = command("generate.py", data, out, "--method", "max", "--num_ensemble", "3", "--limit", "2",
+                       "--max-new-tokens", "2")
+        refused = subprocess.run([sys.executable, *args], cwd=REPO_DIR, env=ENV, capture_output=True, text=True,
+                                 timeout=600)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+        assert f"is being written by another process (pid {holder.pid} on" in refused.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["ensemble_max-3.rank0.lock"]
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    taken = subprocess.run([sys.executable, *args], cwd=REPO_DIR, env=ENV, capture_output=True, text=True, timeout=600)
+    assert taken.returncode == 0, taken.stderr
+    assert f"taking over the lock left by pid {holder.pid}" in taken.stderr
+    assert read_table(table)["uuid"].tolist() == ["q00", "q01"] and not list(out.glob("*.lock"))
+
+
+def test_tables_are_readable_as_the_umask_says(tmp_path):
+    from results import ResultWriter, check_settings
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            path = tmp_path / f"u{umask:o}" / "t.feather"
+            check_settings(path, {"seed": 0})
+            writer = ResultWriter(path)
+            writer.append(rows_for("q1"))
+            writer.finish(["q1"])
+        finally:
+            os.umask(old)
+        assert {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()} == {
+            "t.feather": mode, "t.jsonl": mode, "t.settings.json": mode}
 
 
 def test_two_processes_merge_into_the_same_table(tmp_path):

@@ -84,7 +84,7 @@ def test_piecewise_tokenisation_would_differ():
 
 def test_no_shared_suffix_is_refused_in_one_line():
     tokenizer = metaspace_bpe()
-    with pytest.raises(InputError, match="no shared suffix"):
+    with pytest.raises(InputError, match="no shared tokens to fuse on"):
         encode_prompt(tokenizer, "x", ["a?", "b"], "\nA")  # "?\n" then "\nA": no token of the cue in common
 
 

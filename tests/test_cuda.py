@@ -1,0 +1,299 @@
+"""The CUDA path (`make gpu-check` runs `pytest -m cuda tests/test_cuda.py`): compiled FlexAttention against
+SDPA, N=1 against transformers' greedy `generate`, K/V isolation and the compile count, on the tiny Llama,
+Qwen2 and Qwen3 models (float32, as tiny_model builds them) and on a model with Llama-3.2-3B's shapes and
+random weights in bfloat16. Without a GPU these skip; what runs everywhere: the CPU dry run of
+benchmarks/gpu_check.py, and a check that the graph counter used on the GPU counts what dynamo compiles.
+
+Comparisons in bfloat16 are teacher-forced: both sides decode the reference's tokens, so every step's
+logits are compared on the same prefix; free-running greedy tokens must agree except where the
+reference's top two logits are closer than the two sides' logits differ (a near-tie that rounding decides)."""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from conftest import FEW_SHOT, QUESTIONS
+from dataset import Dataset, Record
+from decoding import StopRule, decode, fused_row, greedy, pad_left, prefill
+from inspect_fusion import layer_diff, plain_prefill, segments_of, take, tolerance
+from inspect_fusion import isolation_diffs
+from models import shaped_model, tiny_model
+from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, segment_biases
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 8
+MODELS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "llama3.2_3b"]
+# relative tolerance on logits (max |a - b| / max |b|): two attention kernels, float32 or bf16 through the stack
+LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+LEAK = 0.1  # a paraphrase seeing another moves its K/V by tens of percent; rounding by far less
+
+
+def cuda_model(name: str):
+    """(model, tokenizer) on the GPU: a tiny model as tiny_model builds it, or the 3B shape in bf16."""
+    if name.startswith("tiny-"):
+        model, tokenizer = tiny_model(name.removeprefix("tiny-"))
+        return model.to("cuda"), tokenizer
+    return shaped_model(name, torch.bfloat16, "cuda")
+
+
+cached_model = functools.lru_cache(maxsize=None)(cuda_model)
+
+
+def dataset() -> Dataset:
+    return Dataset("t", "qa", [Record(r.uuid, list(r.paraphrases), list(r.answers)) for r in QUESTIONS], FEW_SHOT)
+
+
+def uniform(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """The default fusion bias (-log N per paraphrase): every compiled call has the same score_mod, so the
+    tests share graphs (one per prefill/decode and batch of 1 or more) instead of compiling each variant."""
+    return torch.tensor([segment_biases(n, "uniform")] * batch, device=device)
+
+
+def fixed_length(max_new: int = MAX_NEW) -> StopRule:
+    return StopRule(set(), max_new, first_line_only=False)
+
+
+class Recorder:
+    """A decode() chooser that keeps each step's logits [Q, V] and either picks greedily or plays back `tokens`."""
+
+    def __init__(self, tokens: list[list[int]] | None = None):
+        self.tokens, self.logits = tokens, []
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        self.logits.append(logits[:, 0].float().cpu())
+        if self.tokens is None:
+            return greedy(logits, live)
+        step = len(self.logits) - 1
+        return torch.tensor([self.tokens[q][step] for q in live.tolist()], device=logits.device)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def check_greedy(ref_tokens, ref_logits, got_tokens, forced_logits, tol: float, what: str) -> None:
+    """Teacher-forced logits within tol at every step; free-running tokens equal up to a near-tie."""
+    for step, (ref, got) in enumerate(zip(ref_logits, forced_logits)):
+        assert relative(got, ref) <= tol, f"{what}: step {step} logits differ by {relative(got, ref):.1e} > {tol:.0e}"
+    for q, (ref, got) in enumerate(zip(ref_tokens, got_tokens)):
+        if ref == got:
+            continue
+        step = next(i for i, (a, b) in enumerate(zip(ref, got)) if a != b)
+        top2 = ref_logits[step][q].topk(2).values
+        diff = (forced_logits[step][q] - ref_logits[step][q]).abs().max()
+        assert top2[0] - top2[1] <= 2 * diff, (f"{what}: question {q} diverges at step {step} without a near-tie "
+                                               f"(gap {top2[0] - top2[1]:.3g}, logits differ by {diff:.3g})")
+
+
+def graphs() -> int:
+    """Graphs compiled by dynamo in this process so far (each compile and recompile counts one)."""
+    return int(counters["stats"]["unique_graphs"])
+
+
+def questions(start: int, count: int) -> list[Record]:
+    """Questions of varied lengths, so every batch has other prompt lengths and padding."""
+    return [Record(f"q{i}", [f"question {i} " + "x" * (i * 7 % 23) + "?", f"what of {i}" + "y" * (i * 5 % 17) + "?",
+                             f"and {i}?"], ["a"]) for i in range(start, start + count)]
+
+
+STOP_ID = 2  # </s> of the tiny tokenizers
+
+
+class EarlyStops:
+    """A decode() chooser: greedy, except that question q of a batch emits STOP_ID as its token number
+    2 (q % 3 == 0) or 4 (q % 3 == 1); the others run to max_new_tokens. Early stops whatever the model."""
+
+    def __init__(self):
+        self.step = 0
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        tokens = greedy(logits, live)
+        stops = ((live % 3 == 0) & (self.step == 2)) | ((live % 3 == 1) & (self.step == 4))
+        return torch.where(stops, torch.full_like(tokens, STOP_ID), tokens)
+
+
+def run_batches(model, tokenizer, records: list[Record], sizes: list[int], backend: str, max_new: int = 6,
+                compile_backend="inductor") -> list[list[int]]:
+    """Batches of the given sizes through the fused decode loop (N=3, the uniform bias: the default score_mod),
+    with early stops."""
+    ds = Dataset("t", "qa", records, FEW_SHOT)
+    stop = StopRule({STOP_ID}, max_new, first_line_only=False)
+    outputs = []
+    for size in sizes:
+        batch, records = records[:size], records[size:]
+        rows = [fused_row(tokenizer, ds.prompt_parts(r, 3)) for r in batch]
+        biases = uniform(len(batch), 3, model.device)
+        kwargs = dict(backend=backend, biases=biases, dtype=model.dtype, compile=backend == "flex",
+                      compile_backend=compile_backend)
+        outputs += decode(model, tokenizer, rows, 1, EarlyStops(), stop, SegmentMask, kwargs)[0]
+    return outputs
+
+
+# ---------------------------------------------------------------- everywhere
+
+def test_graph_counter_counts_what_dynamo_compiles():
+    """The GPU tests count compiles with dynamo's own counter (any backend, inductor included); on CPU it
+    must agree with a CompileCounter backend over a batch of 2 and a batch of 1."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model, tokenizer = tiny_model("llama")
+    counter = CompileCounter()
+    before = graphs()
+    outputs = run_batches(model, tokenizer, questions(0, 3), [2, 1], "flex", 3, counter)
+    assert graphs() - before == counter.frame_count > 0
+    assert [len(t) for t in outputs] == [2, 3, 2]  # question 0 of each batch stops at its 2nd token
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: every method at batch 1 and 2 on CPU, rows ok, flex == sdpa tokens."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {(m, b) for m in ("generate", "logit_avg", "attn_sdpa", "attn_flex") for b in (1, 2)}
+    for key, row in rows.items():
+        assert row["status"] == "ok", (key, row)
+        assert row["s_per_q"] > 0 and row["tok_per_s"] > 0 and row["x_vs_logit_avg"] > 0 and row["x_vs_generate"] > 0
+    for b in (1, 2):
+        equal, total = rows[("attn_flex", b)]["same_tokens_as_sdpa"]
+        assert equal == total == rows[("attn_sdpa", b)]["questions"] > 0
+        # attention level runs the shared prefix once: fewer prompt tokens than N separate prompts
+        assert rows[("attn_sdpa", b)]["prefill_tok_per_q"] < rows[("logit_avg", b)]["prefill_tok_per_q"]
+    assert {t["name"] for t in result["targets"]} >= {"graphs compiled after warm-up"}
+    assert "s/question" in proc.stdout and str(out) in proc.stdout
+
+
+# ---------------------------------------------------------------- on a CUDA GPU
+
+LAST_FAMILY: list[str] = []
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def name(request) -> str:
+    """The model under test. Module scope groups the tests by model; dynamo's caches are cleared when the
+    attention shapes change (tiny float32 -> 3B bf16), so that this process, which compiles flex for two
+    shape families, stays far from dynamo's recompile limit (8 graphs per function), past which flex would
+    silently run eager."""
+    family = "tiny" if request.param.startswith("tiny-") else request.param
+    if LAST_FAMILY and LAST_FAMILY[-1] != family:
+        torch._dynamo.reset()
+    LAST_FAMILY.append(family)
+    return request.param
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
+class TestCuda:
+    def test_compiled_flex_matches_sdpa(self, name):
+        """Prefill logits of a padded batch of 3 questions (N=3, uniform bias) within tolerance; decoding:
+        greedy tokens equal up to a near-tie and every step's logits within tolerance, teacher-forced."""
+        model, tokenizer = cached_model(name)
+        ds = dataset()
+        rows = [fused_row(tokenizer, ds.prompt_parts(r, 3)) for r in ds.records]
+        biases = uniform(3, 3, model.device)
+        tol = LOGIT_TOL[model.dtype]
+        ids, pos, seg = pad_left(rows, tokenizer.pad_token_id, model.device)
+        prefill_logits = {}
+        for backend in ("sdpa", "flex"):
+            mask = SegmentMask(seg, MAX_NEW, backend, biases, dtype=model.dtype, compile=backend == "flex")
+            with mask.attention(model):
+                prefill_logits[backend] = prefill(model, ids, pos, mask.prefill(), logits_to_keep=0)[0]
+        real = seg != PAD_SEGMENT
+        assert relative(prefill_logits["flex"][real], prefill_logits["sdpa"][real]) <= tol
+        kwargs = dict(biases=biases, dtype=model.dtype)
+        ref = Recorder()
+        ref_tokens, _ = decode(model, tokenizer, rows, 1, ref, fixed_length(), SegmentMask, dict(backend="sdpa", **kwargs))
+        free = decode(model, tokenizer, rows, 1, greedy, fixed_length(), SegmentMask,
+                      dict(backend="flex", compile=True, **kwargs))[0]
+        forced = Recorder(ref_tokens)
+        decode(model, tokenizer, rows, 1, forced, fixed_length(), SegmentMask, dict(backend="flex", compile=True, **kwargs))
+        check_greedy(ref_tokens, ref.logits, free, forced.logits, tol, f"{name} flex vs sdpa")
+        if model.dtype == torch.float32:
+            assert free == ref_tokens
+        assert model.config._attn_implementation == "sdpa"  # flex was scoped to its own decode
+
+    def test_one_paraphrase_equals_generate(self, name):
+        """N=1 attention level with compiled flex against transformers' greedy `generate` of the same prompt."""
+        model, tokenizer = cached_model(name)
+        ds = dataset()
+        rows = [fused_row(tokenizer, ds.prompt_parts(ds.records[0], 1))]
+        ids = torch.tensor([rows[0].input_ids], device=model.device)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                                 return_dict_in_generate=True)
+        ref_tokens = [out.sequences[0, ids.shape[1]:].tolist()]
+        assert len(ref_tokens[0]) == MAX_NEW
+        ref_logits = [step.float().cpu() for step in out.logits]
+        kwargs = dict(backend="flex", compile=True, dtype=model.dtype, biases=uniform(1, 1, model.device))
+        free = decode(model, tokenizer, rows, 1, greedy, fixed_length(), SegmentMask, kwargs)[0]
+        forced = Recorder(ref_tokens)
+        decode(model, tokenizer, rows, 1, forced, fixed_length(), SegmentMask, kwargs)
+        check_greedy(ref_tokens, ref_logits, free, forced.logits, LOGIT_TOL[model.dtype], f"{name} N=1 vs generate")
+        if model.dtype == torch.float32:
+            assert free == ref_tokens
+
+    @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+    def test_each_paraphrase_is_encoded_as_if_alone(self, name, compiled):
+        """Each paraphrase's K/V after the fused prefill through flex against prefix + that paraphrase run alone
+        (plain causal SDPA). The prefix, the same computation in both runs, gives the rounding floor."""
+        model, tokenizer = cached_model(name)
+        ds = dataset()
+        row = fused_row(tokenizer, ds.prompt_parts(ds.records[1], 3))
+        if compiled:
+            diffs = compiled_isolation_diffs(model, row)
+        else:
+            diffs = isolation_diffs(model, row, "flex")
+        floor = max(d.rel for d in diffs["prefix"])
+        limit = min(max(tolerance(model.dtype), 4 * floor), LEAK)
+        worst = {seg: max(d.rel for d in layers) for seg, layers in diffs.items() if seg != "prefix"}
+        assert len(worst) == 3 and max(worst.values()) <= limit, (worst, floor)
+
+    def test_compiled_flex_compiles_a_fixed_handful_of_graphs(self, name):
+        """Inductor on the GPU: batches of 4, 4, 2, 1 with early stops compile at most 4 graphs (prefill and
+        decode, for batches > 1 and for the batch of 1 that dynamo specialises); batches of 5, 3, 1 of other
+        lengths afterwards compile none. Run last for each model: it clears dynamo's caches."""
+        if name in ("tiny-qwen2", "tiny-qwen3"):
+            pytest.skip("the same attention shapes as tiny-llama, counted there")
+        model, tokenizer = cached_model(name)
+        first, later = questions(0, 11), questions(20, 9)
+        torch._dynamo.reset()
+        before = graphs()
+        compiled = run_batches(model, tokenizer, first, [4, 4, 2, 1], "flex")
+        warm = graphs() - before
+        assert 0 < warm <= 4
+        compiled += run_batches(model, tokenizer, later, [5, 3, 1], "flex")
+        assert graphs() - before == warm, "recompiled after warm-up"
+        assert {len(t) for t in compiled} == {2, 4, 6}  # early stops happened
+        if model.dtype == torch.float32:
+            reference = run_batches(model, tokenizer, first, [4, 4, 2, 1], "sdpa")
+            assert compiled[:len(first)] == reference
+
+
+def compiled_isolation_diffs(model, row) -> dict:
+    """inspect_fusion.isolation_diffs with the fused prefill through compiled flex (the CUDA default)."""
+    ids, pos, seg = pad_left([row], 0, model.device)
+    mask = SegmentMask(seg, 0, "flex", uniform(1, 3, model.device), dtype=model.dtype, compile=True)
+    with mask.attention(model):
+        fused = prefill(model, ids, pos, mask.prefill())[1]
+    prefix = [i for i, s in enumerate(row.segment_ids) if s == PREFIX_SEGMENT]
+    out = {}
+    for part in segments_of(row.segment_ids):
+        if part.segment_id in (PREFIX_SEGMENT, FUSED_SEGMENT, PAD_SEGMENT):
+            continue
+        alone = plain_prefill(model, take(row, prefix + list(range(part.start, part.end))))
+        out.setdefault("prefix", [layer_diff(f, a, slice(0, len(prefix)), slice(0, len(prefix)))
+                                  for f, a in zip(fused.layers, alone.layers)])
+        out[part.name] = [layer_diff(f, a, slice(part.start, part.end), slice(len(prefix), None))
+                          for f, a in zip(fused.layers, alone.layers)]
+    return out

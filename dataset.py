@@ -42,6 +42,7 @@ class PromptParts:
     its answer as the shared text after them."""
     shared: list[str]
     paraphrases: list[list[str]]
+    special_tokens: bool = True  # the tokenizer adds BOS etc. (False: a chat template wrote them in the text)
 
     @property
     def prefix(self) -> str:
@@ -62,6 +63,8 @@ class PromptParts:
 
 
 FEWSHOT_FORMATS = ("single", "fused")
+PROMPT_FORMATS = ("plain", "chat")
+MARK = "\x1fself-ensemble-{}\x1f"  # stands for a question while a chat template is rendered
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Dataset:
     records: list[Record]
     few_shot: list[tuple[str, str]] = field(default_factory=list)  # (question as shown, answer)
     few_shot_paraphrases: list[list[str]] = field(default_factory=list)  # each example's paraphrases, if known
+    chat: object | None = None  # a tokenizer whose chat template writes the prompt (--prompt-format chat)
 
     def prompt_parts(self, record: Record, n: int, fewshot: str = "single") -> PromptParts:
         """single: every few-shot example as one question and its answer; fused: as its N paraphrases (cycled
@@ -79,15 +83,40 @@ class Dataset:
             raise InputError(f"{self.name}: question {record.uuid} has {len(record.paraphrases)} paraphrases, "
                              f"fewer than the {n} asked for")
         instruction = QA_INSTRUCTION if self.task == "qa" else MASK_INSTRUCTION
+        if self.chat is not None:
+            return self.chat_parts(instruction, record.paraphrases[:n], fewshot)
         question = [f"Q: {p}" for p in record.paraphrases[:n]]
         if fewshot == "single":
             shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.few_shot)
             return PromptParts([f"{instruction}\n\n{shots}", "\nA:"], [question])
-        if len(self.few_shot_paraphrases) != len(self.few_shot):
-            raise InputError(f"{self.name}: its few-shot examples have no paraphrases; use --fewshot-format single")
-        examples = [[f"Q: {shot[i % len(shot)]}" for i in range(n)] for shot in self.few_shot_paraphrases]
+        examples = [[f"Q: {p}" for p in shot] for shot in self.example_paraphrases(n)]
         answers = [f"\nA: {a}\n\n" for _, a in self.few_shot]
         return PromptParts([f"{instruction}\n\n", *answers, "\nA:"], [*examples, question])
+
+    def example_paraphrases(self, n: int) -> list[list[str]]:
+        """Each few-shot example as n paraphrases (cycled if it has fewer), for the fused format."""
+        if len(self.few_shot_paraphrases) != len(self.few_shot):
+            raise InputError(f"{self.name}: its few-shot examples have no paraphrases; use --fewshot-format single")
+        return [[shot[i % len(shot)] for i in range(n)] for shot in self.few_shot_paraphrases]
+
+    def chat_parts(self, instruction: str, paraphrases: list[str], fewshot: str) -> PromptParts:
+        """The prompt as the tokenizer's chat template writes it: the instruction as the system turn, each
+        few-shot example as a user and an assistant turn, the question as the last user turn; everything
+        after the question (its turn's end, the assistant header) is the shared suffix the answer fuses on."""
+        n = len(paraphrases)
+        blocks = ([*self.example_paraphrases(n), paraphrases] if fewshot == "fused" else [paraphrases])
+        shown = [MARK.format(j) for j in range(len(blocks))]
+        examples = shown[:-1] if fewshot == "fused" else [q for q, _ in self.few_shot]
+        messages = [{"role": "system", "content": instruction}]
+        for question, (_, answer) in zip(examples, self.few_shot):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": shown[-1]})
+        text = self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        shared = re.split("|".join(re.escape(m) for m in shown), text)
+        if len(shared) != len(blocks) + 1:
+            raise InputError("--prompt-format chat: the tokenizer's chat template does not keep the question text "
+                             "as given; use --prompt-format plain")
+        return PromptParts(shared, blocks, special_tokens=False)
 
     def check_paraphrases(self, n: int) -> None:
         """Every record must have at least n paraphrases (the original counts)."""

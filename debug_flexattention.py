@@ -4,12 +4,15 @@ the isolation check (each paraphrase's cached K/V against prefix + that paraphra
 greedy decoding step by step with the top-k candidates.
 
     python debug_flexattention.py --dataset webqa_sample --max-samples 2 --num-paraphrases 3
+    python debug_flexattention.py --dataset webqa --max-samples 1 --max-tokens 5 --verbose   (upstream's spelling)
+    python debug_flexattention.py --dataset webqa_sample --indexs 0,1,2 --max-samples 1      (chosen paraphrases)
 
 The generators' common flags are accepted too; samples run one at a time (--batch-size is ignored).
 Exit code 1 when a paraphrase's K/V differ from its run alone beyond the tolerance.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from pathlib import Path
@@ -83,7 +86,8 @@ def print_shapes(model, row: Row, backend: str) -> None:
 def debug_sample(model, tokenizer, dataset, record, args, backend: str, out_dir: Path, index: int, stop: StopRule) -> bool:
     row = fused_row(tokenizer, dataset.prompt_parts(record, args.num_paraphrases), args.positions)
     print(f"=== sample {index}: {record.uuid}  gold answers: {record.answers}")
-    print(f"layout: {args.num_paraphrases} paraphrases, positions {args.positions}, attention {backend}, "
+    chosen = f" (--indexs {args.indexs})" if args.indexs else ""
+    print(f"layout: {args.num_paraphrases} paraphrases{chosen}, positions {args.positions}, attention {backend}, "
           f"{len(row.input_ids)} tokens")
     print_layout(tokenizer, row, args.verbose)
     print_shapes(model, row, backend)
@@ -108,15 +112,17 @@ def debug_sample(model, tokenizer, dataset, record, args, backend: str, out_dir:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     p = common_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--max-samples", "--max_samples", dest="limit", type=int, metavar="K",
-                   help="questions to inspect (default 2; same as --limit)")
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS,
+                   help="the same as --max-new-tokens (upstream's name)")
     add_fusion_flags(p)
     p.add_argument("--top-k", "--top_k", type=int, default=5, help="candidates shown per generated token")
-    p.add_argument("--verbose", action="store_true", help="full segment texts and every layer's isolation diff")
-    p.set_defaults(limit=2)
+    p.add_argument("--verbose", "-v", action="store_true", help="full segment texts and every layer's isolation diff")
+    p.set_defaults(limit=2)  # --limit / --max-samples: questions to inspect
     args = p.parse_args(argv)
     if args.limit < 1 or args.top_k < 1:
         raise InputError("--max-samples and --top-k must be at least 1")
+    if args.lemmaize:
+        raise InputError("--lemmaize adds lemma columns to a generator's table; debug_flexattention.py writes none")
     dataset, model, tokenizer = load_job(args, args.num_paraphrases)
     backend, _, label = resolve_backend(args.attn, "off", model.device)  # eager flex: the debugger steps through it
     print(f"attention: {label}")

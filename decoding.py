@@ -63,7 +63,8 @@ def encode_parts(tokenizer, parts) -> tuple[list[list[int]], list[list[list[int]
     model reads for that text. A shared part keeps the longest run of its tokens that every prompt has; a
     token merged across a cut (e.g. "?\\n") goes to the paraphrase beside it."""
     n = len(parts.paraphrases[-1])
-    encoded = tokenizer([parts.full(i) for i in range(n)], add_special_tokens=True, return_offsets_mapping=True)
+    encoded = tokenizer([parts.full(i) for i in range(n)], add_special_tokens=parts.special_tokens,
+                        return_offsets_mapping=True)
     pieces = [split_at(offsets, piece_ends(parts, i), ids)
               for i, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"]))]
     shared = []

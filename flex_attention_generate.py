@@ -16,6 +16,7 @@ from confidence import confidences, normalised_weights
 from dataset import Record
 from decoding import StopRule, eos_ids, fused_row
 from methods import answer_fused, resolve_backend
+from models import resolve_device
 from runner import add_fusion_flags, check_prompts, common_parser, load_job, main_guard, output_dir, run_job
 
 
@@ -42,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--fusion-temperature must be > 0")
     out_dir = output_dir(args)
     table = out_dir / output_name(n, args.positions, args.fusion_bias, args.fusion_temperature, args.fewshot_format)
+    resolve_backend(args.attn, args.compile, resolve_device(args.device), args.device_map)  # before the model loads
     dataset, model, tokenizer = load_job(args, n, table)
-    backend, compiled, label = resolve_backend(args.attn, args.compile, model.device)
-    print(f"attention backend: {label}{' (auto)' if args.attn == 'auto' else ''}; positions: {args.positions}; "
+    backend, compiled, label = resolve_backend(args.attn, args.compile, model.device, args.device_map)
+    print(f"attention backend: {label}; positions: {args.positions}; "
           f"fusion bias: {args.fusion_bias}; fusion temperature: {args.fusion_temperature:g}; "
           f"few-shot format: {args.fewshot_format}")
     stop = StopRule(eos_ids(model, tokenizer), args.max_new_tokens)

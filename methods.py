@@ -15,6 +15,8 @@ from decoding import DecodeStats, StopRule, decode, fused_row, greedy, single_ro
 from results import result_row
 from segment_mask import SegmentMask, flex_available, segment_biases
 
+AUTO_CUDA_BACKEND = "flex"  # --attn auto on CUDA; to be set from the GPU table (benchmarks/README.md)
+
 
 def fuse_logits(logits: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per question from logits [Q, N, V] of its N paraphrases; weights [Q, N] sum to 1."""
@@ -91,19 +93,26 @@ def answer_fused(model, tokenizer, dataset: Dataset, batch: list[Record], n: int
             for record, row, tokens in zip(batch, rows, outputs)], stats
 
 
-def resolve_backend(attn: str, compile: str, device: torch.device) -> tuple[str, bool, str]:
-    """(backend, compiled, label) from --attn/--compile: auto is flex on CUDA, sdpa on CPU (measured faster
-    there). Nothing falls back: a backend that cannot run stops the run with one line."""
-    backend = attn if attn != "auto" else ("flex" if device.type == "cuda" else "sdpa")
+def resolve_backend(attn: str, compile: str, device: torch.device, device_map: str | None = None
+                    ) -> tuple[str, bool, str]:
+    """(backend, compiled, label) from --attn/--compile: auto is sdpa on CPU (measured faster there) and
+    flex on CUDA (AUTO_CUDA_BACKEND: the GPU table in benchmarks/README.md is still to be measured). Nothing
+    falls back: a backend that cannot run stops the run with one line."""
+    backend = attn if attn != "auto" else (AUTO_CUDA_BACKEND if device.type == "cuda" else "sdpa")
+    why = "" if attn != "auto" else (" (auto: sdpa measured faster on CPU)" if device.type != "cuda" else
+                                     " (auto on CUDA: FlexAttention's block sparsity; not yet measured against sdpa)")
     if backend == "sdpa":
         if compile == "on":
             raise InputError("--compile on applies to --attn flex only; drop it or choose --attn flex")
-        return backend, False, "sdpa (dense mask)"
+        return backend, False, f"sdpa (dense mask){why}"
     if not flex_available():
         raise InputError(f"--attn flex: this torch ({torch.__version__}) has no FlexAttention; "
                          f"upgrade torch or choose --attn sdpa")
+    if device_map:  # the BlockMask and score_mod tensors live on one device; layers would sit on several
+        raise InputError(f"--attn flex with --device-map {device_map}: the mask cannot follow layers across "
+                         f"devices; use --attn sdpa (its dense mask is moved with each layer's inputs)")
     compiled = compile == "on" or (compile == "auto" and device.type == "cuda")
     if compiled and device.type != "cuda":
         raise InputError("--compile on: compiled FlexAttention fails on CPU with growing decode shapes (an inductor "
                          "C++ error in torch 2.13); use --compile off (eager flex) or --attn sdpa")
-    return backend, compiled, f"flex ({'compiled' if compiled else 'eager'})"
+    return backend, compiled, f"flex ({'compiled' if compiled else 'eager'}){why}"

@@ -103,19 +103,73 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
+UNCOMPARED_SETTINGS = ("provenance", "resumed_with")  # kept beside a table, never a reason to refuse a resume
+
+
 def check_settings(path: Path, settings: dict, write: bool = True) -> None:
-    """A table is only resumed with the settings that made it: they are kept beside it."""
+    """A table is only resumed with the settings that made it: they are kept beside it. Their "provenance"
+    (git commit, versions, model revision, device: see runner.provenance) is kept, not compared: the run
+    that created the table keeps "provenance"; a later run that resumes it with another one is added to
+    "resumed_with", so a table made by two versions of the code says so."""
     sidecar = path.with_suffix(".settings.json")
     settings = json.loads(json.dumps(settings, default=str))  # compared as they are kept: JSON values
+    provenance = settings.pop("provenance", None)
     if sidecar.exists():
         kept = json.loads(sidecar.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(kept) | set(settings) if kept.get(k) != settings.get(k))
+        compared = {k: v for k, v in kept.items() if k not in UNCOMPARED_SETTINGS}
+        changed = sorted(k for k in set(compared) | set(settings) if compared.get(k) != settings.get(k))
         if changed:
-            diff = ", ".join(f"{k}: {kept.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            diff = ", ".join(f"{k}: {compared.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise InputError(f"{path} was made with other settings ({diff}); use another --output-dir or delete it")
+        later = kept.get("resumed_with", [])
+        if write and provenance is not None and provenance != kept.get("provenance") and provenance not in later:
+            text = json.dumps({**kept, "resumed_with": [*later, provenance]}, indent=1, sort_keys=True)
+            atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     elif write:
-        text = json.dumps(settings, indent=1, sort_keys=True, default=str)
+        kept = {**settings, **({"provenance": provenance} if provenance is not None else {})}
+        text = json.dumps(kept, indent=1, sort_keys=True, default=str)
         atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_settings(path: Path) -> dict | None:
+    """The settings kept beside a table (with its provenance), or None when there are none or they are unreadable."""
+    try:
+        return json.loads(Path(path).with_suffix(".settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+LEMMA_COLUMNS = ("predict_lemma", "answer_lemmas")  # upstream's names (its --lemmaize)
+
+
+def with_lemmas(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy of `df` with upstream's lemma columns: predict_lemma, the prediction's lemmas, and answer_lemmas,
+    each gold answer's lemmas, from the project's lemmatiser (the one `partial` is scored with: lower-cased,
+    punctuation dropped)."""
+    import scoring
+    seen: dict[str, list[str]] = {}
+
+    def lemmas(text) -> list[str]:
+        text = text if isinstance(text, str) else ""
+        if text not in seen:
+            seen[text] = scoring.lemmas(text)
+        return seen[text]
+
+    out = df.copy()
+    out["predict_lemma"] = pd.Series([lemmas(p) for p in out["prediction"]], index=out.index, dtype=object)
+    out["answer_lemmas"] = pd.Series(
+        [[lemmas(a) for a in ([answers] if isinstance(answers, str) else list(answers)) if isinstance(a, str)]
+         for answers in out["answers"]], index=out.index, dtype=object)
+    return out
+
+
+def lemmaize_table(path: Path) -> bool:
+    """Add the lemma columns to the table at `path` (its .jsonl copy too), atomically; False when it has them."""
+    df = read_table(path)
+    if set(LEMMA_COLUMNS) <= set(df.columns):
+        return False
+    write_table(with_lemmas(df), path)
+    return True
 
 
 class TableLock:
@@ -268,6 +322,8 @@ class ResultWriter:
         df = df.sort_values(["_order", "paraphrase_index"], kind="stable").drop(columns="_order")
         import scoring  # spaCy loads only when a table is scored
         df = scoring.score_frame(df.drop(columns=["exact", "partial"], errors="ignore"))
+        if set(LEMMA_COLUMNS) & set(df.columns):  # a --lemmaize'd table resumed: lemmas for the new rows too
+            df = with_lemmas(df)
         write_table(df, self.path)
         for file in self.partial_files():
             file.unlink()

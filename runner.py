@@ -4,8 +4,14 @@ and writing the result table."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import hashlib
 import logging
+import os
+import platform
+import re
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,19 +26,59 @@ from constants import (DATASETS, DEFAULT_DATASET, DEFAULT_FEWSHOT_FORMAT, DEFAUL
                        safe_name)
 from dataset import FEWSHOT_FORMATS, Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
 from decoding import prefix_cache
-from results import OneLineParser, ResultWriter, TableLock, check_settings, check_writable_dir
+from results import OneLineParser, ResultWriter, TableLock, check_settings, check_writable_dir, lemmaize_table
 
 log = logging.getLogger("self_ensemble")
 
 
+class Done(Exception):
+    """The command's work is finished before a model was needed (--lemmaize); main_guard exits with code 0
+    after printing the message."""
+
+
+def paraphrase_indexs(text: str) -> str:
+    """--indexs as upstream spells it: comma-separated paraphrase indices, 0 being the original question."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated paraphrase indices such as 0,2,4, got {text!r}")
+    indices = [int(part) for part in parts]
+    if len(set(indices)) != len(indices):
+        raise argparse.ArgumentTypeError(f"{text!r} names a paraphrase twice")
+    return ",".join(map(str, indices))
+
+
+def chosen_indexs(args) -> list[int] | None:
+    """The paraphrase indices --indexs chose, or None (then the first N paraphrases are used)."""
+    return [int(i) for i in args.indexs.split(",")] if getattr(args, "indexs", None) else None
+
+
+class CommonParser(OneLineParser):
+    """--indexs decides N (upstream: it replaces --num_ensemble): set it, and refuse a different N given with it."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        indexs = chosen_indexs(ns)
+        if indexs:
+            for dest in ("num_ensemble", "num_paraphrases"):
+                if not hasattr(ns, dest):
+                    continue
+                value = getattr(ns, dest)
+                if value is not None and value != self.get_default(dest) and value != len(indexs):
+                    self.error(f"--indexs {ns.indexs} chooses {len(indexs)} paraphrases but --{dest} is {value}; "
+                               f"give one of them")
+                setattr(ns, dest, len(indexs))
+        return ns, rest
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
-    p = OneLineParser(description=description)
+    p = CommonParser(description=description)
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=DATASETS)
     p.add_argument("--data-file", "--data_file", help="local data: JSONL for jsonl/webqa_sample/myriadlama, "
                    "WebQuestions JSON, or a datasets save_to_disk folder")
     p.add_argument("--task", choices=["qa", "mask"], help="prompt style for --dataset jsonl (default qa)")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="a model key, Hugging Face id or local folder")
-    p.add_argument("--limit", type=int, help="answer only the first LIMIT questions")
+    p.add_argument("--limit", "--max-samples", "--max_samples", dest="limit", type=int,
+                   help="answer only the first LIMIT questions (--max_samples: upstream's name)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=8, help="questions per batch")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
@@ -48,7 +94,46 @@ def common_parser(description: str) -> argparse.ArgumentParser:
                    "(K auto templates drawn per fact as upstream) or all (default manual+auto5, upstream's)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="encode the shared prefix in every batch instead of once per run (the reference)")
+    p.add_argument("--indexs", type=paraphrase_indexs, metavar="I,J,...",
+                   help="upstream's diversity runs: fuse exactly these paraphrases (0 = the original question; N is "
+                        "their count); the table goes to <output-dir>/diversity/<name>-<indexs>.feather")
+    p.add_argument("--lemmaize", action="store_true",
+                   help="generate nothing: add upstream's lemma columns (predict_lemma, answer_lemmas) to the table "
+                        "this command names, rewriting it atomically (a no-op when they are there)")
     return p
+
+
+def table_path(args, path: Path) -> Path:
+    """Where the command's table is: `path`, or with --indexs upstream's diversity/<name>-<indexs>.feather
+    (ensemble_avg-0,2,4.feather, flex_attention-0,2,4.feather), the count N in the name replaced by the indices."""
+    indexs = chosen_indexs(args)
+    if not indexs:
+        return Path(path)
+    path = Path(path)
+    stem = re.sub(rf"-{len(indexs)}(?=-|$)", f"-{args.indexs}", path.stem, count=1)
+    if stem == path.stem:
+        raise RuntimeError(f"{path.name}: no '-{len(indexs)}' to replace by the --indexs")
+    return path.parent / "diversity" / f"{stem}{path.suffix}"
+
+
+def lemmaize_command(args, table: Path | None) -> None:
+    """--lemmaize: upstream's separate mode. The table the same command without --lemmaize wrote gets the lemma
+    columns; nothing is generated and no model is loaded. Ends with Done (exit code 0)."""
+    if table is None:
+        raise InputError("--lemmaize adds lemma columns to a result table; this command writes none")
+    path = table_path(args, table)
+    if not path.exists():
+        raise InputError(f"--lemmaize: no table {path}; run the same command without --lemmaize first")
+    with TableLock(path):
+        added = lemmaize_table(path)
+    raise Done(f"{path}: lemma columns {'added' if added else 'already there, nothing to do'} "
+               f"(predict_lemma, answer_lemmas)")
+
+
+def select_paraphrases(dataset: Dataset, indexs: list[int]) -> None:
+    """Each question's paraphrases become the chosen ones, in the order given (--indexs)."""
+    dataset.records = [dataclasses.replace(r, paraphrases=[r.paraphrases[i] for i in indexs])
+                       for r in dataset.records]
 
 
 def output_dir(args) -> Path:
@@ -142,8 +227,15 @@ def load_job(args, num_paraphrases: int, table: Path | None = None):
     output folder (writable; `table`, if given, not being written by another process) and the data.
     WebQA's paraphrases are made by the model, so only they wait for it."""
     from models import load_model
+    if getattr(args, "lemmaize", False):
+        lemmaize_command(args, table)
     args.paraphrases = resolve_paraphrase_set(args.dataset, getattr(args, "paraphrases", None))
     device = check_flags(args)
+    indexs = chosen_indexs(args)
+    if indexs:  # paraphrases 0..max(indexs) are read (or made), then the chosen ones kept
+        num_paraphrases = max(indexs) + 1
+        if table is not None:
+            table = table_path(args, table)
     state = process_state()
     if args.device == "auto" and state.num_processes > 1:
         device = state.device
@@ -154,7 +246,10 @@ def load_job(args, num_paraphrases: int, table: Path | None = None):
         if holder is not None:
             raise lock.refusal(holder)
     model_paraphrases = args.dataset == "webqa" and num_paraphrases > 1
-    dataset = read_data(args, 1 if model_paraphrases else num_paraphrases)
+    try:
+        dataset = read_data(args, 1 if model_paraphrases else num_paraphrases)
+    except InputError as err:
+        raise (InputError(f"--indexs {args.indexs}: {err}") if indexs else err) from None
     model, tokenizer = load_model(args.model, str(device), args.dtype, device_map=args.device_map)
     prefix_cache(model).enabled = not getattr(args, "no_prefix_cache", False)
     if model_paraphrases:  # the questions were read above; the model adds their paraphrases
@@ -163,6 +258,8 @@ def load_job(args, num_paraphrases: int, table: Path | None = None):
                                   temperature=args.paraphrase_temperature, top_p=args.paraphrase_top_p)
         dataset.records = paraphraser(dataset.records, num_paraphrases - 1)
         dataset.check_paraphrases(num_paraphrases)
+    if indexs:
+        select_paraphrases(dataset, indexs)
     return dataset, model, tokenizer
 
 
@@ -194,14 +291,63 @@ def data_fingerprint(args) -> str:
     return f"hub:{args.dataset}"
 
 
+@functools.lru_cache(maxsize=1)
+def git_state() -> tuple[str, bool | None]:
+    """(commit, dirty) of this checkout: dirty when a tracked file differs from the commit (untracked files,
+    such as results, do not count). ("unknown", None) without git or outside a git checkout of this project.
+    Reads only: no optional locks, so it never touches the index."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "--no-optional-locks", "-C", str(REPO_DIR), *argv], capture_output=True,
+                                  text=True, timeout=20, env=env)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != REPO_DIR.resolve():
+        return "unknown", None  # no git, or this folder copied into someone else's repository
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit or "unknown", (None if status is None or commit is None else bool(status))
+
+
+def provenance(args, model=None) -> dict:
+    """Where a table came from, kept in its settings file but never compared on resume: the code (git commit
+    and dirty flag), the library versions, the model (its key, what it loads from, the weights' revision) and
+    where it ran (device and dtype)."""
+    import transformers
+
+    from models import model_revision, model_source, resolve_device, resolve_dtype
+    commit, dirty = git_state()
+    try:
+        model_id = model_source(args.model, convert=False)
+    except InputError:
+        model_id = args.model  # a tiny test model, built by code
+    if model is not None:
+        device, dtype = model.device, model.dtype
+    else:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "model": args.model,
+            "model_id": model_id, "model_revision": model_revision(model) if model is not None else None,
+            "device": str(device), "device_map": args.device_map,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
 def output_settings(args, model=None, settings: dict | None = None) -> dict:
     """What a table's rows depend on, kept beside it and compared on resume: the flags that change answers
     (not batch size, progress, where it goes, how many questions or the data file's path), the data's
     content hash, the resolved dtype and device type, the model's revision where known, and the
-    attention backend and compile mode (`settings`, as the script resolved them; else its flags)."""
+    attention backend and compile mode (`settings`, as the script resolved them; else its flags).
+    Its "provenance" entry (see `provenance`) is kept too but not compared (results.check_settings)."""
     from models import model_revision, resolve_device, resolve_dtype
     ignored = {"batch_size", "no_progress", "output_dir", "device", "device_map", "limit", "data_file", "dtype",
-               "no_prefix_cache"}
+               "no_prefix_cache", "lemmaize"}
     out = {k: v for k, v in vars(args).items() if k not in ignored}
     out["data"] = data_fingerprint(args)
     if model is not None:
@@ -211,6 +357,7 @@ def output_settings(args, model=None, settings: dict | None = None) -> dict:
         device = resolve_device(args.device)
         out.update(dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."), device=device.type)
     out.update(settings or {})
+    out["provenance"] = provenance(args, model)
     return dict(sorted(out.items()))
 
 
@@ -219,9 +366,11 @@ def run_job(args, dataset: Dataset, path: Path, answer_batch: Callable[[list[Rec
     """Answer every question not already in `path`, `args.batch_size` at a time, on this process's
     shard; rank 0 merges all shards into the final table. Returns the table (rank 0) or None.
     `model` (the loaded one) and `settings` (e.g. {"attn": "flex", "compile": True}) complete the
-    settings the table is kept with (see `output_settings`). The table is locked while this runs."""
+    settings the table is kept with (see `output_settings`). The table is locked while this runs.
+    With --indexs the table goes where `table_path` says (upstream's diversity/ folder)."""
     state = process_state()
     torch.manual_seed(args.seed)
+    path = table_path(args, path)
     with TableLock(path, state.process_index):
         check_settings(path, output_settings(args, model, settings), write=state.is_main_process)
         writer = ResultWriter(path, state.process_index)
@@ -253,6 +402,9 @@ def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         try:
             return main(argv)
+        except Done as done:
+            print(done)
+            return 0
         except InputError as err:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
             return EXIT_BAD_INPUT

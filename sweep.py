@@ -1,7 +1,7 @@
 """Sweep N and compare methods in one command: per_prompt once (every paraphrase), then logit avg, logit
 max and attention-level fusion for N = 2..max, then evaluate.py's report (accuracy against N with
 confidence bands, paired differences, the diversity plot). With --study, the attention-level variants
-(positions x bias x temperature) at the largest N, as used to choose the defaults.
+(positions x bias x temperature x few-shot format) at the largest N, as used to choose the defaults.
 
     python sweep.py --max-n 5                                               # the bundled sample
     python sweep.py --study --dataset jsonl --data-file data/webqa_dev.jsonl --max-n 5 --output-dir results/study
@@ -19,9 +19,10 @@ from pathlib import Path
 from constants import DATASETS, DEFAULT_DATASET, EMBEDDED_MODEL, REPO_DIR, InputError
 from runner import main_guard
 
-# (positions, fusion bias, temperature): the grid of the study, beside the default
-STUDY_VARIANTS = [(p, b, 1.0) for p in ("left", "right", "continuous") for b in ("none", "uniform")] + [
-    (p, "uniform", t) for p in ("left", "right") for t in (0.7, 1.4)]
+# (positions, fusion bias, temperature, few-shot format): the grid of the study, beside the default
+STUDY_VARIANTS = ([(p, b, 1.0, "single") for p in ("left", "right", "continuous") for b in ("none", "uniform")]
+                  + [(p, "uniform", t, "single") for p in ("left", "right") for t in (0.7, 1.4)]
+                  + [(p, "uniform", 1.0, "fused") for p in ("left", "right")])
 
 
 def commands(args, extra: list[str]) -> list[list[str]]:
@@ -38,9 +39,10 @@ def commands(args, extra: list[str]) -> list[list[str]]:
             out.append(py + ["generate.py", "--method", method, "--num_ensemble", str(n), *common])
         out.append(py + ["flex_attention_generate.py", "--num_paraphrases", str(n), *common])
     if args.study:
-        for positions, bias, temperature in STUDY_VARIANTS:
+        for positions, bias, temperature, fewshot in STUDY_VARIANTS:
             out.append(py + ["flex_attention_generate.py", "--num_paraphrases", str(args.max_n), "--positions",
-                             positions, "--fusion-bias", bias, "--fusion-temperature", str(temperature), *common])
+                             positions, "--fusion-bias", bias, "--fusion-temperature", str(temperature),
+                             "--fewshot-format", fewshot, *common])
     return out
 
 

@@ -41,7 +41,7 @@ if str(REPO_DIR) not in sys.path:
 import torch  # noqa: E402
 
 from dataset import Dataset, Record, load_dataset_by_name  # noqa: E402
-from decoding import StopRule, pad_left, single_rows  # noqa: E402
+from decoding import StopRule, pad_left, prefix_cache, single_rows  # noqa: E402
 from methods import answer_ensemble, answer_fused  # noqa: E402
 from models import shaped_model  # noqa: E402
 from segment_mask import PAD_SEGMENT  # noqa: E402
@@ -61,11 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,32; 1,2 with --dry-run)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens decoded per question (default 16; 4 dry)")
     p.add_argument("--timed-questions", type=int, default=None,
-                   help="questions timed per batch size, at least 2 batches (default 16; 2 with --dry-run)")
+                   help="questions timed per batch size, in at least 2 batches (default 16; 2 in 1 batch with --dry-run)")
     p.add_argument("--tokenizer", choices=["auto", "words", "bytes"], default="auto",
                    help="auto: words where the vocabulary has room for them, else bytes")
-    p.add_argument("--budget-s", type=float, default=300.0,
+    p.add_argument("--budget-s", type=float, default=240.0,
                    help="stop timing further batches after this many seconds (warm-ups always run)")
+    p.add_argument("--prefix-cache", choices=["on", "off"], default="on",
+                   help="logit avg and attention level reuse the shared prefix's KV across batches, as the project "
+                        "runs (decoding.prefix_cache); off: every batch computes it, as generate does")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = p.parse_args(argv)
     dry = args.dry_run
@@ -200,6 +203,7 @@ def run(args, log=print) -> dict:
     batches_per_size = {b: max(1 if args.dry_run else 2, math.ceil(args.timed_questions / b)) for b in args.batch_sizes}
     ds, records = questions(args.n, max(b * (1 + batches_per_size[b]) for b in args.batch_sizes))
     model, tokenizer, kind = build(args, ds)
+    prefix_cache(model).enabled = args.prefix_cache == "on"
     log(f"model: {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, random weights), "
         f"{str(args.dtype).removeprefix('torch.')} on {device_name(args.device)}; tokenizer: {kind}; "
         f"N={args.n}, {args.max_new_tokens} new tokens per question, built in {time.perf_counter() - began:.1f} s",
@@ -293,6 +297,7 @@ def report(args, rows: list[Row], kind: str, compile_s: float, graphs_warmup: in
         dry_run=args.dry_run, device=device_name(args.device), torch=torch.__version__,
         transformers=transformers.__version__, python=platform.python_version(), shape=args.shape,
         dtype=str(args.dtype).removeprefix("torch."), tokenizer=kind, n=args.n, max_new_tokens=args.max_new_tokens,
+        prefix_cache=args.prefix_cache,
         batch_sizes=args.batch_sizes, flex_compiled=args.compile, compile_s=round(compile_s, 2) if args.compile else None,
         compiled_graphs=dict(warmup=graphs_warmup, after_warmup=graphs_timed), total_s=round(total_s, 1),
         rows=table, targets=targets)
@@ -305,7 +310,7 @@ def fmt(value, spec: str = "") -> str:
 def print_table(result: dict, path: Path) -> None:
     print(f"\nGPU check: {result['shape']} shape, {result['dtype']}, {result['device']}, torch {result['torch']}, "
           f"transformers {result['transformers']}; N={result['n']}, {result['max_new_tokens']} new tokens per "
-          f"question, tokenizer {result['tokenizer']}")
+          f"question, tokenizer {result['tokenizer']}, prefix cache {result['prefix_cache']}")
     head = ["method", "batch", "N", "s/question", "tokens/s", "x avg", "x generate", "prompt tok/q", "warm-up s",
             "peak MB", "same tokens", "status"]
     lines = [head]

@@ -22,8 +22,7 @@ from torch._dynamo.utils import counters
 from conftest import FEW_SHOT, QUESTIONS
 from dataset import Dataset, Record
 from decoding import StopRule, decode, fused_row, greedy, pad_left, prefill
-from inspect_fusion import layer_diff, plain_prefill, segments_of, take, tolerance
-from inspect_fusion import isolation_diffs
+from inspect_fusion import isolation_diffs, layer_diff, plain_prefill, segments_of, take, tolerance
 from models import shaped_model, tiny_model
 from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, segment_biases
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -66,7 +67,7 @@ def results_dir(tmp_path):
 
 
 def test_build_report_numbers(results_dir):
-    report = evaluate.build_report(results_dir).set_index("method")
+    report = evaluate.build_report(results_dir)[0].set_index("method")
     assert list(report.index) == [
         "per_prompt", "avg", "flex_attention[aligned,sdpa]", "flex_attention[aligned,sdpa,none]",
     ]
@@ -115,7 +116,7 @@ def test_main_writes_report_files(results_dir, capsys):
     out = capsys.readouterr().out
     assert "| per_prompt | 3 | 2 | 0.167 | 0.333 |" in out
     md = (results_dir / "report.md").read_text()
-    assert "partial match" in md and "| avg | 3 | 2 | 0.500 | 1.000 |" in md
+    assert "metric (partial)" in md and "| avg | 3 | 2 | 0.500 | 1.000 |" in md
     csv = pd.read_csv(results_dir / "report.csv")
     assert csv["method"].tolist()[:2] == ["per_prompt", "avg"]
     assert csv.loc[0, "oracle"] == pytest.approx(1.0)
@@ -199,7 +200,7 @@ def test_a_folder_with_every_kind_of_file_reports_only_result_tables(tmp_path):
     (out / ".per_prompt.feather.x1y2.tmp").write_bytes(b"half a file")
     assert evaluate.main(["--results-dir", str(out)]) == 0  # leaves report.md/.csv/.png behind
     assert list((out / "confidence-cache").glob("*.feather"))
-    report = evaluate.build_report(out)
+    report = evaluate.build_report(out)[0]
     assert report["method"].tolist() == ["per_prompt"] and report["file"].tolist() == ["per_prompt.feather"]
     assert evaluate.main(["--results-dir", str(out)]) == 0
 
@@ -207,7 +208,7 @@ def test_a_folder_with_every_kind_of_file_reports_only_result_tables(tmp_path):
 def test_confidence_time_counts_in_the_cost(tmp_path):
     _table("weighted_avg", 3, ["q1", "q2"], ["Paris", "Creole"], [1.0, 2.0], [1, 1],
            confidence_seconds=[4.0, 6.0]).to_feather(tmp_path / "ensemble_weighted_avg-3.feather")
-    report = evaluate.build_report(tmp_path)
+    report = evaluate.build_report(tmp_path)[0]
     assert report.loc[0, "seconds/question"] == pytest.approx((1 + 2 + 4 + 6) / 2)
 
 
@@ -219,3 +220,37 @@ def test_reports_are_readable_as_the_umask_says(results_dir, tmp_path):
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir()} == {
         "report.md": 0o640, "report.csv": 0o640, "report.png": 0o640}
+
+
+def test_intervals_paired_differences_and_oracle_gap(tmp_path):
+    """4 questions, N=2, partial scores set by hand. per_prompt: q1 both right, q2 one right, q3 and q4
+    none (per-question mean 1, .5, 0, 0 -> .375; oracle 1, 1, 0, 0 -> .5). avg right on q1 only; flex on
+    q1 and q2. flex - avg = (0, 1, 0, 0) -> +0.25; flex - mean = (0, .5, 0, 0) -> +0.125; gap closed by
+    flex (.5 - .375) / (.5 - .375) = 1, by avg (.25 - .375) / .125 = -1."""
+    uuids = ["q1", "q2", "q3", "q4"]
+    pp = pd.DataFrame({"uuid": [u for u in uuids for _ in range(2)], "answers": [["x"]] * 8, "prediction": "x",
+                       "seconds": 1.0, "new_tokens": 1, "method": "per_prompt", "num_ensemble": 2,
+                       "paraphrase_index": [0, 1] * 4, "exact": False,
+                       "partial": [True, True, True, False, False, False, False, False]})
+    pp.to_feather(tmp_path / "per_prompt.feather")
+    for name, method, right in (("ensemble_avg-2", "avg", [1, 0, 0, 0]), ("flex_attention-2", "flex_attention",
+                                                                          [1, 1, 0, 0])):
+        pd.DataFrame({"uuid": uuids, "answers": [["x"]] * 4, "prediction": "x", "seconds": 1.0, "new_tokens": 1,
+                      "method": method, "num_ensemble": 2, "paraphrase_index": -1, "exact": False,
+                      "partial": [bool(r) for r in right]}).to_feather(tmp_path / f"{name}.feather")
+    report = evaluate.build_report(tmp_path)[0].set_index("method")
+    flex, avg = report.loc["flex_attention"], report.loc["avg"]
+    assert flex["vs avg"].startswith("+0.250 [") and flex["vs per-prompt mean"].startswith("+0.125 [")
+    lo, hi = (float(x) for x in flex["vs avg"].split("[")[1].rstrip("]").split(","))
+    assert 0.0 <= lo <= 0.25 <= hi <= 1.0
+    assert flex["oracle gap closed"] == pytest.approx(1.0) and avg["oracle gap closed"] == pytest.approx(-1.0)
+    assert report.loc["per_prompt", "mean"] == pytest.approx(0.375) and report.loc["per_prompt", "oracle"] == 0.5
+    assert evaluate.bootstrap(np.ones(10)) == (1.0, 1.0)
+
+
+def test_agreement_counts_equal_pairs():
+    pp = pd.DataFrame({"uuid": ["a"] * 3 + ["b"] * 3, "paraphrase_index": [0, 1, 2] * 2,
+                       "prediction": ["Paris", "paris.", "Lyon", "x", "y", "z"]})
+    agree = evaluate.agreement(pp, 3)
+    assert agree["a"] == pytest.approx(1 / 3) and agree["b"] == 0.0
+    assert evaluate.agreement(pp, 2)["a"] == 1.0

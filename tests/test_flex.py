@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import cached_tiny, generate_reference
+from conftest import FEW_SHOT, QUESTIONS, cached_tiny, generate_reference
 from dataset import Dataset, Record
 from decoding import StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left, prefill
 from methods import answer_fused as answer_fused_with_stats
@@ -196,3 +196,84 @@ def test_flex_refuses_to_run_without_its_block_mask_and_is_scoped(small_dataset)
     answer_fused(model, tokenizer, small_dataset, small_dataset.records[:1], 3, no_stop(), backend="flex")
     assert model.config._attn_implementation == "sdpa"
     assert decode(model, tokenizer, rows, 1, greedy, no_stop())[0] == plain
+
+
+# ---------------------------------------------------------------- few-shot examples shown as paraphrases too
+
+SHOT_PARAPHRASES = [["what color is the sky?", "the sky is which color?", "which colour has the sky?"],
+                    ["how many legs does a cat have?", "a cat has how many legs?"]]
+
+
+def fused_fewshot_dataset(records=None) -> Dataset:
+    return Dataset("t", "qa", records or [Record(r.uuid, list(r.paraphrases), list(r.answers)) for r in QUESTIONS],
+                   [(s[0], a) for s, (_, a) in zip(SHOT_PARAPHRASES, FEW_SHOT)], SHOT_PARAPHRASES)
+
+
+# Instruction P, one example (paraphrase a of 2 tokens, b of 1, answer A of 2), the question (paraphrase
+# 1 of 1 token, 2 of 2) and the cue S. Written by hand from the rules: each example paraphrase sees P and
+# itself, the example's answer sees its paraphrases, everything later sees the whole example, and the
+# question's paraphrases stay isolated from each other.
+PICTURE_FEWSHOT = """
+#.........
+##........
+###.......
+#..#......
+#####.....
+######....
+#######...
+######.#..
+######.##.
+##########"""
+
+
+def test_fused_fewshot_mask_picture():
+    from decoding import layout_row
+    from segment_mask import allowed_matrix
+    row = layout_row([[7], [7, 7], [7]], [[[7, 7], [7]], [[7], [7, 7]]])
+    drawn = "\n".join("".join("#" if v else "." for v in r) for r in allowed_matrix(row.segment_ids).tolist())
+    assert drawn == PICTURE_FEWSHOT.strip()
+    assert row.position_ids == [0, 1, 2, 1, 3, 4, 5, 5, 6, 7]  # left: each block's paraphrases start together
+
+
+def test_fused_fewshot_tokens_are_the_plain_prompts_and_one_paraphrase_is_greedy(tiny):
+    model, tokenizer = tiny
+    ds = fused_fewshot_dataset()
+    record = ds.records[0]
+    parts = ds.prompt_parts(record, 3, "fused")
+    from decoding import single_rows
+    for i, row in enumerate(single_rows(tokenizer, parts, [0, 1, 2])):
+        assert row.input_ids == tokenizer(parts.full(i))["input_ids"]
+    assert "Q: the sky is which color?\nA: blue" in parts.full(1)  # example 1 shown as its paraphrase 1
+    # N=1 in the fused format is the single format's plain prompt
+    out = answer_fused(model, tokenizer, ds, [record], 1, no_stop(), fewshot="fused")[0]
+    single = single_rows(tokenizer, ds.prompt_parts(record, 1), [0])[0]
+    assert out["token_ids"] == generate_reference(model, tokenizer, single.input_ids, MAX_NEW)
+
+
+def test_fused_fewshot_identical_copies_equal_the_single_prompt(tiny):
+    """Question and examples each given as N identical copies, with the -log N bias: the single prompt."""
+    model, tokenizer = tiny
+    copies = Dataset("t", "qa", [Record("c", ["who painted the mona lisa?"] * 3, ["Leonardo"])],
+                     [("what color is the sky?", "blue"), ("2+2?", "4")], [["what color is the sky?"], ["2+2?"]])
+    single_row = fused_row(tokenizer, copies.prompt_parts(copies.records[0], 1))
+    fused = fused_row(tokenizer, copies.prompt_parts(copies.records[0], 3, "fused"))
+    _, alone, _ = fused_prefill(model, [single_row])
+    ids, pos, seg = pad_left([fused], 0, model.device)
+    mask = SegmentMask(seg, MAX_NEW, "sdpa", torch.full((1, 3), -math.log(3)), example_bias=-math.log(3))
+    with mask.attention(model):
+        biased, _ = prefill(model, ids, pos, mask.prefill())
+    assert (biased[0, -1] - alone[0, -1]).abs().max() <= 1e-4
+    out = answer_fused(model, tokenizer, copies, copies.records, 3, no_stop(), fusion_bias="uniform",
+                       fewshot="fused")[0]
+    assert out["token_ids"] == generate_reference(model, tokenizer, single_row.input_ids, MAX_NEW)
+
+
+@pytest.mark.parametrize("positions", ["left", "right"])
+def test_fused_fewshot_flex_equals_sdpa_and_batches_change_nothing(positions):
+    model, tokenizer = cached_tiny("qwen2")
+    ds = fused_fewshot_dataset()
+    kwargs = dict(positions=positions, fusion_bias="uniform", fewshot="fused")
+    sdpa = answer_fused(model, tokenizer, ds, ds.records, 3, no_stop(), backend="sdpa", **kwargs)
+    flex = answer_fused(model, tokenizer, ds, ds.records, 3, no_stop(), backend="flex", **kwargs)
+    alone = [answer_fused(model, tokenizer, ds, [r], 3, no_stop(), **kwargs)[0] for r in ds.records]
+    assert [r["token_ids"] for r in sdpa] == [r["token_ids"] for r in flex] == [r["token_ids"] for r in alone]

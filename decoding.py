@@ -142,7 +142,7 @@ def pad_left(rows: list[Row], pad_id: int, device: torch.device, after: int = 0
         return values[:after] + [fill] * (width - len(values)) + values[after:]
     ids = torch.tensor([pad(r.input_ids, pad_id) for r in rows], device=device)
     pos = torch.tensor([pad(r.position_ids, 0) for r in rows], device=device)
-    seg = torch.tensor([pad(r.segment_ids, PAD_SEGMENT) for r in rows], device=device)
+    seg = torch.tensor([pad(r.segment_ids, PAD_SEGMENT) for r in rows], device=device, dtype=torch.int32)
     return ids, pos, seg
 
 

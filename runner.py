@@ -24,7 +24,7 @@ from constants import (DATASETS, DEFAULT_DATASET, DEFAULT_FEWSHOT_FORMAT, DEFAUL
                        DEFAULT_MAX_NEW_TOKENS, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P,
                        DEFAULT_POSITIONS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, WEBQA_SAMPLE_FILE, InputError,
                        safe_name)
-from dataset import FEWSHOT_FORMATS, Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
+from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS, Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
 from decoding import prefix_cache
 from results import OneLineParser, ResultWriter, TableLock, check_settings, check_writable_dir, lemmaize_table
 
@@ -94,6 +94,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
                    "(K auto templates drawn per fact as upstream) or all (default manual+auto5, upstream's)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="encode the shared prefix in every batch instead of once per run (the reference)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
+                   help="chat: the tokenizer's chat template writes the prompt (instruction as the system turn, "
+                        "few-shot examples as turns, the question last); plain: Q:/A: text")
     p.add_argument("--indexs", type=paraphrase_indexs, metavar="I,J,...",
                    help="upstream's diversity runs: fuse exactly these paraphrases (0 = the original question; N is "
                         "their count); the table goes to <output-dir>/diversity/<name>-<indexs>.feather")
@@ -252,6 +255,11 @@ def load_job(args, num_paraphrases: int, table: Path | None = None):
         raise (InputError(f"--indexs {args.indexs}: {err}") if indexs else err) from None
     model, tokenizer = load_model(args.model, str(device), args.dtype, device_map=args.device_map)
     prefix_cache(model).enabled = not getattr(args, "no_prefix_cache", False)
+    if getattr(args, "prompt_format", "plain") == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"--prompt-format chat: the tokenizer of {args.model} has no chat template; "
+                             f"use --prompt-format plain")
+        dataset.chat = tokenizer
     if model_paraphrases:  # the questions were read above; the model adds their paraphrases
         from paraphrase import Paraphraser
         paraphraser = Paraphraser(model, tokenizer, args.model, seed=args.seed,

@@ -5,7 +5,8 @@
 Every token carries a segment id. The rule is one `mask_mod`, composed the attention-gym way from
 small named mask_mods, and rendered either as a FlexAttention `BlockMask` or as a dense additive
 mask for SDPA (the reference backend). `SegmentMask` is the renderer the decode loop uses; it also
-scopes the model's attention implementation to its own decode, so nothing here is process state.
+scopes the model's attention implementation to its own decode. Few-shot examples can be blocks of
+paraphrases too (`--fewshot-format fused`, see the segment ids below).
 
 The picture for one pad, a 2-token prefix, paraphrases of 2, 3 and 2 tokens and a 2-token suffix
 (row = query, column = key, a cell shows the key's segment where attention is allowed)::
@@ -242,7 +243,7 @@ def dense_fused_attention(module, query, key, value, attention_mask, scaling=Non
     return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), None
 
 
-ATTENTION_FUNCTIONS = {FLEX_ATTENTION: lambda: fused_flex_attention, DENSE_ATTENTION: lambda: dense_fused_attention}
+ATTENTION_FUNCTIONS = {FLEX_ATTENTION: fused_flex_attention, DENSE_ATTENTION: dense_fused_attention}
 
 
 @contextmanager
@@ -251,7 +252,7 @@ def attention_implementation(model, name: str) -> Iterator[None]:
     previous = model.config._attn_implementation
     if name in ATTENTION_FUNCTIONS:
         from transformers import AttentionInterface
-        AttentionInterface.register(name, ATTENTION_FUNCTIONS[name]())  # a registry entry, idempotent
+        AttentionInterface.register(name, ATTENTION_FUNCTIONS[name])  # a registry entry, idempotent
     if previous != name:
         model.set_attn_implementation(name)
     try:

@@ -198,6 +198,7 @@ def test_example_prints_masks_and_isolation(monkeypatch, capsys):
 @pytest.mark.parametrize("args, env", [
     (["--dataset", "webqa"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": None}),
     (["--model", "llama3.2_1b"], {"HF_HUB_OFFLINE": "1"}),
+    (["--dataset-only", "myriadlama"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": None}),
 ])
 def test_download_fails_fast_offline(tmp_path, args, env):
     start = time.perf_counter()
@@ -211,8 +212,31 @@ def test_download_fails_fast_offline(tmp_path, args, env):
     assert not (tmp_path / "cache" / "datasets").exists()
 
 
+def test_download_spacy_offline_is_one_line(tmp_path):
+    """--spacy where GitHub (spaCy's model releases) cannot be reached: one line saying how to install it
+    online, exit code 1, unless the pipeline is installed already (then there is nothing to do)."""
+    done = subprocess.run([str(SHELL_TOOL), "--spacy", "--cache-dir", str(tmp_path / "cache")], capture_output=True,
+                          text=True, timeout=60, env=subprocess_env(SPACY_MODELS_URL="http://127.0.0.1:9"))
+    if "installed already" in done.stdout:
+        assert done.returncode == 0
+        return
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "--spacy needs the network" in done.stderr and "python -m spacy download en_core_web_sm" in done.stderr
+
+
+def test_download_list_needs_no_network(tmp_path):
+    done = subprocess.run([str(SHELL_TOOL), "--list", "--cache-dir", str(tmp_path / "cache")], capture_output=True,
+                          text=True, timeout=60,
+                          env=subprocess_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr
+    assert "stanfordnlp/web_questions" in done.stdout and "meta-llama/Llama-3.2-3B-Instruct" in done.stdout
+    assert "en_core_web_sm" in done.stdout and str(tmp_path / "cache") in done.stdout
+    assert not (tmp_path / "cache").exists()
+
+
 def test_download_bad_arguments_exit_2():
-    for args in ([], ["--dataset", "webqa_sample"], ["--model", "no-such-model"], ["--frobnicate"]):
+    for args in ([], ["--dataset", "webqa_sample"], ["--model", "no-such-model"], ["--frobnicate"], ["--dataset-only"],
+                 ["--dataset-only", "nope"], ["--dataset-only", "webqa", "--model", "llama3.2_1b"]):
         done = subprocess.run([str(SHELL_TOOL), *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, args
         assert done.stderr.count("\n") == 1, done.stderr

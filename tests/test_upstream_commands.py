@@ -3,11 +3,12 @@ meaning (exit code 0); then the upstream flags this tree added (--indexs, --lemm
 --verbose, download_resources.sh --list/--dataset-only/--spacy, --device cuda:0) and each table's provenance.
 
 Upstream is github.com/GuoYibo233/self-ensemble. The commands are copied from its README.md (at its newest
-commit, the src/ scripts' README) and its quick start (archived/docs/QUICKSTART.md), plus the research scripts
-that used the flags this tree reproduces (archived/scripts/ensemble.sh, diversity.sh, lemmaize_ensemble.sh).
-Upstream's scripts have other names here: src/generate_original.py, src/generate_baseline.py -> generate.py;
-src/generate_flex_attention.py, src/generate_myriadlama.py, flex_attention_generate.py ->
-flex_attention_generate.py; tools/X -> X.
+commit, the src/ scripts' README) and its quick start (archived/docs/QUICKSTART.md), the flags its older
+top-level README adds (commit f26ac93), and the research scripts that used the flags this tree reproduces
+(archived/scripts/ensemble.sh, diversity.sh, lemmaize_ensemble.sh). Upstream's scripts have other names here:
+src/generate_original.py, src/generate_baseline.py, baseline_generate.py -> generate.py (--method all: origin
+then per_prompt); src/generate_flex_attention.py, src/generate_myriadlama.py -> flex_attention_generate.py;
+tools/X -> X.
 
 Each command is run with its own arguments and a few appended (argparse: the last value wins), only these:
   --model tiny-llama   upstream's llama3.2_3b_it is gated on the Hugging Face hub and 6 GB: it cannot load offline
@@ -53,7 +54,8 @@ def gen(*extra: str) -> list[str]:
 #  files it must leave under the output folder)
 DOWNLOAD_OFFLINE = 1  # download_resources.sh offline: one line on stderr, exit code 1 (nothing to download from)
 COMMANDS = [
-    ("README.md", "python src/generate_original.py --method avg --dataset webqa --model llama3.2_3b_it --num_ensemble 6",
+    ("README.md", "python src/generate_original.py --method avg --dataset webqa --model llama3.2_3b_it "
+                  "--num_ensemble 6",
      "generate.py", gen(), 0, ["ensemble_avg-6.feather"]),
     ("README.md", "python src/generate_flex_attention.py --dataset webqa --model llama3.2_3b_it --num_paraphrases 5",
      "flex_attention_generate.py", gen(), 0, ["flex_attention-5.feather"]),
@@ -88,6 +90,12 @@ COMMANDS = [
                       "--lemmaize", "flex_attention_generate.py", gen(), 0, ["flex_attention-5.feather"]),
     ("QUICKSTART.md", "python3 flex_attention_generate.py --dataset webqa --model llama3.2_3b_it --device cpu",
      "flex_attention_generate.py", gen(), 0, ["flex_attention-5.feather"]),
+    # the top-level README before upstream moved its scripts to src/ (commit f26ac93): flags the above lack
+    ("README.md@f26ac93", "python3 flex_attention_generate.py --dataset webqa --model llama3.2_3b_it "
+                          "--num_paraphrases 5 --max_samples 100", "flex_attention_generate.py", gen(), 0,
+     ["flex_attention-5.feather"]),
+    ("README.md@f26ac93", "python3 baseline_generate.py --method origin --dataset webqa --model llama3.2_3b_it",
+     "generate.py", gen(), 0, ["origin.feather"]),
     ("scripts/ensemble.sh", "python3 ../src/generate_original.py --model llama3.2_3b_it --dataset webqa "
                             "--num_ensemble 2 --method max", "generate.py", gen(), 0, ["ensemble_max-2.feather"]),
     ("scripts/ensemble.sh", "python3 ../src/generate_original.py --model llama3.2_3b_it --dataset webqa "
@@ -120,12 +128,24 @@ def our_args(upstream: str) -> list[str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """One output folder and one paraphrase cache for the module (WebQA's paraphrases are made once), offline."""
+    import datasets
+    import huggingface_hub
+
+    import paraphrase
     root = tmp_path_factory.mktemp("upstream")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        import paraphrase
+        # the libraries read it at import, which happened before: without these they retry the hub for ~20 s
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         mp.setattr(paraphrase, "CACHE_DIR", root / "cache")
         yield root
+
+
+def output_folder(workspace: Path, upstream: str) -> Path:
+    """results/<dataset>, as upstream kept one folder per dataset (and model)."""
+    words = upstream.split()
+    return workspace / "out" / (words[words.index("--dataset") + 1] if "--dataset" in words else "none")
 
 
 def run_script(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
@@ -179,7 +199,7 @@ def run_command(source: str, upstream: str, script: str, extra: list[str], out: 
                          ids=[f"{c[0]}:{i}" for i, c in enumerate(COMMANDS)])
 def test_upstream_command_runs_offline(source, upstream, script, extra, expected, files, workspace, monkeypatch,
                                        capsys):
-    out = workspace / "out"
+    out = output_folder(workspace, upstream)
     for needle, prerequisite in LEMMAIZE_NEEDS.items():
         if needle in upstream:  # the table it rewrites: the same command without --lemmaize
             first = upstream.replace(" --lemmaize", "")
@@ -219,7 +239,7 @@ def jsonl_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_indexs_fuses_the_chosen_paraphrases(tmp_path, monkeypatch, capsys):
     """--indexs 2,0: exactly paraphrases 2 and 0 in that order, N = 2, in upstream's diversity/ file; and
-    --indexs 0,1,2 gives the same answers as the first 3 paraphrases (--num_ensemble 3)."""
+    --indexs 0,1,2 gives the same answers as the first 3 paraphrases (--num_paraphrases 3)."""
     data, out = write_questions(tmp_path / "q.jsonl"), tmp_path / "out"
     code, stdout, stderr = run_script("generate.py", jsonl_args(data, out, "--method", "avg", "--indexs", "2,0"),
                                       monkeypatch, capsys)
@@ -231,7 +251,7 @@ def test_indexs_fuses_the_chosen_paraphrases(tmp_path, monkeypatch, capsys):
                                                         "capital of country 1?"]]
     assert set(table["num_ensemble"]) == {2}
     assert json.loads((out / "diversity" / "ensemble_avg-2,0.settings.json").read_text())["indexs"] == "2,0"
-    for args in (["--indexs", "0,1,2"], ["--num_ensemble", "3"]):
+    for args in (["--indexs", "0,1,2"], ["--num_paraphrases", "3"]):
         assert run_script("flex_attention_generate.py", jsonl_args(data, out, *args), monkeypatch, capsys)[0] == 0
     chosen = pd.read_feather(out / "diversity" / "flex_attention-0,1,2.feather")
     first = pd.read_feather(out / "flex_attention-3.feather")
@@ -350,7 +370,7 @@ def test_provenance_is_kept_and_never_blocks_a_resume(tmp_path, monkeypatch, cap
     assert (prov["torch"], prov["transformers"]) == (torch.__version__, transformers.__version__)
     assert (prov["model"], prov["device"], prov["dtype"]) == ("tiny-llama", "cpu", "float32")
     assert "model_revision" in prov
-    kept["provenance"] = {**prov, "git_commit": "0" * 40, "torch": "1.0"}  # as if an older checkout made it
+    kept["provenance"] = {**prov, "git_commit": "0" * 40, "git_dirty": False, "torch": "1.0"}  # an older checkout
     sidecar.write_text(json.dumps(kept))
     code, stdout, stderr = run_script("generate.py", [*args, "--limit", "2"], monkeypatch, capsys)
     assert code == 0, stdout + stderr

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 N ?= 5
 RESULTS := results/webqa_sample/smollm2_135m_it
 
-.PHONY: setup model demo test bench gpu-check clean
+.PHONY: setup model demo test bench sweep study gpu-check clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt Makefile
@@ -32,6 +32,15 @@ test: setup
 
 bench: model
 	$(BIN)/python benchmarks/bench_ensemble.py
+
+# make sweep: N = 2..5 for every method on the bundled sample, then the report (accuracy against N, diversity)
+sweep: model
+	$(BIN)/python sweep.py --max-n $(N)
+
+# make study: the attention-level variants on the dev set (300 questions, N=5), as the defaults were chosen
+study: model
+	$(BIN)/python sweep.py --study --dataset jsonl --data-file data/webqa_dev.jsonl --min-n $(N) --max-n $(N) \
+	  --output-dir results/study
 
 # make gpu-check: on one CUDA GPU, in under 8 minutes: the tests marked cuda, then benchmarks/gpu_check.py (the
 # timing table, also as benchmarks/results/gpu_check.json). It uses .venv where there is one, else $(PYTHON) as it

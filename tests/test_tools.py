@@ -84,18 +84,23 @@ def test_validate_json_lists_every_check(monkeypatch, capsys):
     assert next(c for c in checks if c["name"] == "bundled_data")["status"] == "pass"
 
 
-def test_validate_flex_call_checks(monkeypatch, capsys):
-    """--test-flex-attention: eager flex matches dense SDPA; a failing torch.compile (forced here, it
-    costs 10+ s for real on CPU) is reported as a warning on CPU, not a crash."""
+def break_compile(monkeypatch, message: str) -> None:
+    """torch.compile raises `message` (a real compile costs 10+ s on CPU), except the backend="eager"
+    compile eager flex_attention does of itself."""
     import torch
-
     real_compile = torch.compile
 
     def broken_compile(*args, **kwargs):
-        if "backend" in kwargs:  # eager flex_attention compiles itself with backend="eager": leave that alone
+        if "backend" in kwargs:
             return real_compile(*args, **kwargs)
-        raise RuntimeError("compiler exploded\nsecond line")
+        raise RuntimeError(message)
     monkeypatch.setattr(torch, "compile", broken_compile)
+
+
+def test_validate_flex_call_checks(monkeypatch, capsys):
+    """--test-flex-attention: eager flex matches dense SDPA; a failing torch.compile (forced here, it
+    costs 10+ s for real on CPU) is reported as a warning on CPU, not a crash."""
+    break_compile(monkeypatch, "compiler exploded\nsecond line")
     run_tool("validate_flexattention_env.py", ["--test-flex-attention", "--json"], monkeypatch)
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
     assert checks["flex_attention_eager"]["status"] == "pass"
@@ -302,13 +307,7 @@ def test_launch_configuration_runs(index, tmp_path, monkeypatch, capsys):
     extra = TINY_OVERRIDES[script] + (["--output-dir", str(tmp_path)] if TINY_OVERRIDES[script] else [])
     monkeypatch.chdir(REPO_DIR)
     if script == "validate_flexattention_env.py" and not torch.cuda.is_available():
-        real_compile = torch.compile
-
-        def failing_compile(*a, **k):
-            if "backend" in k:  # eager flex_attention compiles itself with backend="eager": leave that alone
-                return real_compile(*a, **k)
-            raise RuntimeError("compile skipped by the test")
-        monkeypatch.setattr(torch, "compile", failing_compile)
+        break_compile(monkeypatch, "compile skipped by the test")
     code = run_tool(script, args + extra, monkeypatch)
     captured = capsys.readouterr()
     assert code == 0, captured.out + captured.err

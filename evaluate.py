@@ -130,7 +130,7 @@ def compare(report: pd.DataFrame, scores: dict, per_prompt: pd.DataFrame | None,
         cis.append(f"[{lo:.3f}, {hi:.3f}]")
         ref = per_prompt_reference(per_prompt, row.N, metric)
         own = row.method == "per_prompt"
-        vs_avg.append("" if own else paired(q, scores.get(("avg", row.N))))
+        vs_avg.append("" if own or row.method == "avg" else paired(q, scores.get(("avg", row.N))))
         vs_mean.append("" if own or ref is None else paired(q, ref[0]))
         gap = None
         if ref is not None and not own:

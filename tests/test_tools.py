@@ -100,6 +100,7 @@ def break_compile(monkeypatch, message: str) -> None:
 def test_validate_flex_call_checks(monkeypatch, capsys):
     """--test-flex-attention: eager flex matches dense SDPA; a failing torch.compile (forced here, it
     costs 10+ s for real on CPU) is reported as a warning on CPU, not a crash."""
+    import torch
     break_compile(monkeypatch, "compiler exploded\nsecond line")
     run_tool("validate_flexattention_env.py", ["--test-flex-attention", "--json"], monkeypatch)
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}

@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
 
 import torch

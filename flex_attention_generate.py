@@ -10,8 +10,8 @@ lives in segment_mask.py; this is the command.
 """
 from __future__ import annotations
 
-from constants import (DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS,
-                       InputError)
+from constants import (DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE,
+                       DEFAULT_POSITIONS, InputError)
 from confidence import confidences, normalised_weights
 from dataset import Record
 from decoding import StopRule, eos_ids, fused_row

@@ -25,7 +25,7 @@ from constants import (DATASETS, DEFAULT_DATASET, DEFAULT_FEWSHOT_FORMAT, DEFAUL
                        DEFAULT_POSITIONS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, WEBQA_SAMPLE_FILE, InputError,
                        safe_name)
 from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS, Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
-from decoding import prefix_cache
+from decoding import POSITIONS, prefix_cache
 from results import OneLineParser, ResultWriter, TableLock, check_settings, check_writable_dir, lemmaize_table
 
 log = logging.getLogger("self_ensemble")
@@ -422,7 +422,7 @@ def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
 def add_fusion_flags(p: argparse.ArgumentParser) -> None:
     """The attention-level flags shared by flex_attention_generate.py and debug_flexattention.py."""
     p.add_argument("--num-paraphrases", "--num_paraphrases", type=int, default=5, help="paraphrases per question (N)")
-    p.add_argument("--positions", choices=["left", "right", "continuous", "aligned"], default=DEFAULT_POSITIONS,
+    p.add_argument("--positions", choices=[*POSITIONS, "aligned"], default=DEFAULT_POSITIONS,
                    help="left (alias aligned): every paraphrase starts after the prefix; right: every paraphrase "
                         "ends before the answer cue; continuous: 0..L-1 (upstream)")
     p.add_argument("--attn", choices=["auto", "flex", "sdpa"], default="auto",

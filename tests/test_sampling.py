@@ -3,7 +3,6 @@ cache and the first-line rule), and the confidence-weighted methods end to end o
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 

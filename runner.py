@@ -163,13 +163,6 @@ def check_flags(args) -> torch.device:
         raise InputError("--paraphrase-temperature must be > 0 and --paraphrase-top-p in (0, 1]")
     device = resolve_device(args.device)
     check_device_map(args.device_map)
-    if getattr(args, "compile", None) == "on":
-        if getattr(args, "attn", None) == "sdpa" or (getattr(args, "attn", None) == "auto" and device.type != "cuda"):
-            raise InputError(f"--compile on applies to --attn flex only (--attn {args.attn} is sdpa here); "
-                             f"drop it or choose --attn flex")
-        if device.type != "cuda":
-            raise InputError("--compile on: compiled FlexAttention fails on CPU with growing decode shapes (an "
-                             "inductor C++ error in torch 2.13); use --compile off (eager flex) or --attn sdpa")
     check_model_name(args.model)
     return device
 

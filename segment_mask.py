@@ -356,25 +356,27 @@ class SegmentMask:
 
 # ---------------------------------------------------------------- the picture
 
+SPECIAL_SEGMENTS = {PAD_SEGMENT: ("pad", "_"), PREFIX_SEGMENT: ("prefix", "P"), FUSED_SEGMENT: ("suffix", "S")}
+
+
 def segment_name(segment_id: int) -> str:
-    if segment_id == PAD_SEGMENT:
-        return "pad"
-    if segment_id == PREFIX_SEGMENT:
-        return "prefix"
-    if segment_id == FUSED_SEGMENT:
-        return "suffix"
-    return f"paraphrase {segment_id}"
+    if segment_id in SPECIAL_SEGMENTS:
+        return SPECIAL_SEGMENTS[segment_id][0]
+    example, local = divmod(segment_id, SHOT_STRIDE)
+    if example == 0:
+        return f"paraphrase {local}"
+    return f"example {example} answer" if local == SHOT_ANSWER else f"example {example} paraphrase {local}"
 
 
 def segment_char(segment_id: int) -> str:
-    """One character per segment kind: P prefix, 1..9 a..z paraphrases, S suffix/generated, _ pad."""
-    if segment_id == PAD_SEGMENT:
-        return "_"
-    if segment_id == PREFIX_SEGMENT:
-        return "P"
-    if segment_id == FUSED_SEGMENT:
-        return "S"
-    return PARAPHRASE_CHARS[segment_id - 1] if segment_id <= len(PARAPHRASE_CHARS) else "+"
+    """One character per segment kind: P prefix, 1..9 a..z the question's paraphrases, S suffix/generated,
+    _ pad; a few-shot example's paraphrases as their number, its answer as A (--fewshot-format fused)."""
+    if segment_id in SPECIAL_SEGMENTS:
+        return SPECIAL_SEGMENTS[segment_id][1]
+    local = segment_id % SHOT_STRIDE
+    if local == SHOT_ANSWER:
+        return "A"
+    return PARAPHRASE_CHARS[local - 1] if local <= len(PARAPHRASE_CHARS) else "+"
 
 
 def draw_mask(segment_ids: list[int], max_columns: int = 80) -> str:

@@ -2,8 +2,8 @@
 prompt that agree with its greedy answer, where two answers agree when either one's normalised lemmas
 contain the other's (upstream's `is_matched_str`; an empty greedy answer agrees with every non-empty
 sample). Cached in `<output-dir>/confidence-cache/` (never a result table), one entry per prompt under a
-key of the model, the prompt's token ids, K, seed, temperature, top-p and max new tokens: a changed
-setting recomputes. Every sample has its own generator, seeded from that key, so an entry does not
+key of the model and its revision, dtype and device type, the prompt's token ids, K, seed, temperature,
+top-p and max new tokens: a changed setting recomputes. Every sample has its own generator, seeded from that key, so an entry does not
 depend on which other prompts shared its batch."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from constants import CONFIDENCE_TEMPERATURE, CONFIDENCE_TOP_P, safe_name
 from dataset import Dataset, Record
-from decoding import Sampler, StopRule, answer_text, decode, greedy, single_rows
+from decoding import LanguageModel, Sampler, StopRule, answer_text, decode, greedy, single_rows
 from results import atomic_write, read_table
 
 CACHE_FOLDER = "confidence-cache"  # inside the output dir; evaluate.py reads only the folder's own *.feather
@@ -42,6 +42,8 @@ class ConfidenceSettings:
     """Everything a confidence depends on besides the prompt."""
     model: str
     revision: str | None
+    dtype: str
+    device: str  # the device type: cpu or cuda
     samples: int
     seed: int
     temperature: float
@@ -50,14 +52,14 @@ class ConfidenceSettings:
 
     def cache_file(self, results_dir: Path) -> Path:
         revision = f"-{safe_name(self.revision)[:20]}" if self.revision else ""
-        name = (f"{safe_name(self.model)}{revision}-k{self.samples}-seed{self.seed}-t{self.temperature}"
-                f"-p{self.top_p}-len{self.max_new_tokens}.feather")
+        name = (f"{safe_name(self.model)}{revision}-{self.dtype}-{self.device}-k{self.samples}-seed{self.seed}"
+                f"-t{self.temperature}-p{self.top_p}-len{self.max_new_tokens}.feather")
         return Path(results_dir) / CACHE_FOLDER / name
 
     def key(self, input_ids: list[int]) -> str:
         """The cache key of one prompt: these settings and its token ids."""
-        text = json.dumps([self.model, self.revision, self.samples, self.seed, self.temperature, self.top_p,
-                           self.max_new_tokens, list(input_ids)])
+        text = json.dumps([self.model, self.revision, self.dtype, self.device, self.samples, self.seed,
+                           self.temperature, self.top_p, self.max_new_tokens, list(input_ids)])
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -75,45 +77,45 @@ def row_generator(key: str, sample: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(hashlib.sha256(f"{key}:{sample}".encode()).hexdigest()[:15], 16))
 
 
-def agreement(model, tokenizer, rows: list, keys: list[str], settings: ConfidenceSettings,
+def agreement(lm: LanguageModel, rows: list, keys: list[str], settings: ConfidenceSettings,
               stop: StopRule) -> list[dict]:
     """Greedy answer, K samples and confidence of each prompt row (upstream's rule, see `scoring.answers_agree`)."""
     import scoring
     k = settings.samples
-    greedy_out, _ = decode(model, tokenizer, rows, 1, greedy, stop)
+    greedy_out, _ = decode(lm, rows, 1, greedy, stop)
     generators = [row_generator(key, j) for key in keys for j in range(k)]
-    sampled_out, _ = decode(model, tokenizer, [row for row in rows for _ in range(k)], 1,
+    sampled_out, _ = decode(lm, [row for row in rows for _ in range(k)], 1,
                             RowSampler(generators, settings.temperature, settings.top_p), stop)
     entries = []
     for i, key in enumerate(keys):
-        answer = answer_text(tokenizer, greedy_out[i])[0]
-        samples = [answer_text(tokenizer, t)[0] for t in sampled_out[i * k:(i + 1) * k]]
+        answer = answer_text(lm.tokenizer, greedy_out[i])[0]
+        samples = [answer_text(lm.tokenizer, t)[0] for t in sampled_out[i * k:(i + 1) * k]]
         entries.append({"key": key, "greedy": answer, "samples": samples,
                         "confidence": sum(scoring.answers_agree(answer, samples)) / k})
     return entries
 
 
-def confidences(model, tokenizer, dataset: Dataset, records: list[Record], n: int, k: int, stop: StopRule,
+def confidences(lm: LanguageModel, dataset: Dataset, records: list[Record], n: int, k: int, stop: StopRule,
                 results_dir: Path, seed: int = 0, *, model_name: str, temperature: float = CONFIDENCE_TEMPERATURE,
                 top_p: float = CONFIDENCE_TOP_P) -> Confidences:
     """Confidence of paraphrases 0..n-1 of every record, computing only the prompts the cache lacks.
     `results_dir` is the run's output dir (the cache is its `confidence-cache/` folder); `model_name` the
     --model given (with the loaded model's revision it is part of the key)."""
     from models import model_revision
-    settings = ConfidenceSettings(model_name, model_revision(model), k, seed, float(temperature), float(top_p),
-                                  stop.max_new_tokens)
+    settings = ConfidenceSettings(model_name, model_revision(lm.model), str(lm.model.dtype).removeprefix("torch."),
+                                  lm.device.type, k, seed, float(temperature), float(top_p), stop.max_new_tokens)
     path = settings.cache_file(results_dir)
     known = cached_entries(path)
     new_entries, keys_of = [], {}
     for record in records:
-        rows = single_rows(tokenizer, dataset.prompt_parts(record, n), list(range(n)))
+        rows = single_rows(lm.tokenizer, dataset.prompt_parts(record, n), list(range(n)))
         keys = [settings.key(row.input_ids) for row in rows]
         keys_of[record.uuid] = keys
         missing = [i for i in range(n) if keys[i] not in known]
         if not missing:
             continue
         start = time.perf_counter()
-        entries = agreement(model, tokenizer, [rows[i] for i in missing], [keys[i] for i in missing], settings, stop)
+        entries = agreement(lm, [rows[i] for i in missing], [keys[i] for i in missing], settings, stop)
         seconds = (time.perf_counter() - start) / len(missing)
         for i, entry in zip(missing, entries):
             entry.update(uuid=record.uuid, paraphrase_index=i, paraphrase=record.paraphrases[i], seconds=seconds)

@@ -108,7 +108,7 @@ DEFAULT_FUSION_BIAS = "uniform"
 DEFAULT_FUSION_TEMPERATURE = 1.0
 DEFAULT_FEWSHOT_FORMAT = "single"
 
-LOGIT_METHODS = ("per_prompt", "origin", "avg", "max", "weighted_avg", "weighted_max")
+LOGIT_METHODS = ("per_prompt", "origin", "avg", "avg_prob", "max", "weighted_avg", "weighted_max")
 DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_CONFIDENCE_SAMPLES = 10  # upstream used 100; 10 keeps a CPU run practical (--confidence-samples)
 

@@ -130,17 +130,53 @@ class Dataset:
 
 # ---------------------------------------------------------------- the user's JSONL (and the bundled sample)
 
-def read_jsonl(path: Path) -> list[dict]:
+MASK_PLACEHOLDER = "[MASK]"  # what a --task mask prompt asks the model to fill in
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a (lone or paired) surrogate can enter JSON text
+JSON_BLANK = " \t\r"  # the JSON whitespace a blank line may hold besides its "\n"
+
+
+def has_lone_surrogate(value) -> bool:
+    """Whether a JSON value holds a lone surrogate (json.loads gives one for "\\ud800" alone; a valid pair
+    decodes to one character): text no file, table or tokenizer can encode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def parse_json(text: str, where: str):
+    """One JSON value, with every way it can be bad as an InputError naming `where` (file:line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply") from None
+    if SURROGATE_ESCAPE.search(text) and has_lone_surrogate(value):
+        raise InputError(f"{where}: invalid Unicode (lone surrogate)")
+    return value
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line. Lines end at "\n" only: U+2028, U+0085, \x0c... inside a
+    line are data (str.splitlines would cut the line there)."""
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip(JSON_BLANK):
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        row = parse_json(line, f"{path}:{lineno}")
         if not isinstance(row, dict):
             raise InputError(f"{path}:{lineno}: expected a JSON object")
         rows.append((lineno, row))
@@ -149,34 +185,70 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def check_uuid(uuid, where: str) -> str:
+    """A uuid as the tables keep it (a string): a non-blank string or an integer; anything else (true/false, a
+    float, a list, an object, "   ") is an InputError naming `where`."""
+    if uuid is None:
+        raise InputError(f"{where}: missing 'uuid'")
+    if isinstance(uuid, str) and uuid.strip():
+        return uuid
+    if isinstance(uuid, int) and not isinstance(uuid, bool):
+        return str(uuid)
+    shown = repr(uuid) if len(repr(uuid)) <= 40 else repr(uuid)[:40] + "..."
+    raise InputError(f"{where}: 'uuid' must be a non-blank string or an integer, got {shown}")
+
+
+def check_num_fewshot(num_fewshot: int | None) -> int:
+    """The number of few-shot examples: None is the default (constants.NUM_FEW_SHOT, upstream's 5); 0 allowed."""
+    if num_fewshot is None:
+        return NUM_FEW_SHOT
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise InputError(f"--num-fewshot {num_fewshot!r}: must be a whole number, 0 or more")
+    return num_fewshot
+
+
+def missing_mask(paraphrases: list[str]) -> int | None:
+    """The index of the first paraphrase without the [MASK] placeholder, or None."""
+    return next((i for i, p in enumerate(paraphrases) if MASK_PLACEHOLDER not in p), None)
+
+
 def parse_record(row: dict, where: str) -> Record:
     uuid, paraphrases, answers = row.get("uuid"), row.get("paraphrases"), row.get("answers")
-    if uuid is None or str(uuid) == "":
-        raise InputError(f"{where}: missing 'uuid'")
+    uuid = check_uuid(uuid, where)
     if not isinstance(paraphrases, list) or not paraphrases or not all(isinstance(p, str) and p.strip() for p in paraphrases):
         raise InputError(f"{where}: 'paraphrases' must be a non-empty list of non-empty strings")
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise InputError(f"{where}: 'answers' must be a list of strings")
-    return Record(str(uuid), [p.strip() for p in paraphrases], answers)
+    return Record(uuid, [p.strip() for p in paraphrases], answers)
 
 
-def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl") -> Dataset:
-    """Rows with split "train" are the few-shot pool; without any, the first 5 rows are (and are not scored)."""
+def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: int | None = None) -> Dataset:
+    """Rows with split "train" are the few-shot pool (the first K are the examples); without any, the first K rows
+    are the examples (and are not scored). K = num_fewshot (None: 5; 0: no examples, every row is scored).
+    With task "mask" every paraphrase must hold the [MASK] placeholder."""
+    k = check_num_fewshot(num_fewshot)
     records, train, seen = [], [], set()
     for lineno, row in read_jsonl(path):
         record = parse_record(row, f"{path}:{lineno}")
         if record.uuid in seen:
             raise InputError(f"{path}:{lineno}: duplicate uuid {record.uuid!r}")
         seen.add(record.uuid)
+        if task == "mask" and missing_mask(record.paraphrases) is not None:
+            raise InputError(f"{path}:{lineno}: paraphrase {missing_mask(record.paraphrases)} has no "
+                             f"{MASK_PLACEHOLDER} placeholder (--task mask)")
         (train if row.get("split") == "train" else records).append(record)
     if not train:
-        train, records = records[:NUM_FEW_SHOT], records[NUM_FEW_SHOT:]
-        log.warning("%s: no rows with split=train; the first %d rows are the few-shot examples and are not scored",
-                    path, len(train))
+        train, records = records[:k], records[k:]
+        if k:
+            log.warning("%s: no rows with split=train; the first %d rows are the few-shot examples and are not "
+                        "scored (--num-fewshot %d; 0 takes none)", path, len(train), k)
+    elif num_fewshot is not None and len(train) < k:
+        raise InputError(f"--num-fewshot {k}: {path} has only {len(train)} rows with split=train")
     if not records:
-        raise InputError(f"{path}: no questions left to answer after taking the few-shot examples")
-    shots = [(r.paraphrases[0], r.answers[0] if r.answers else "") for r in train[:NUM_FEW_SHOT]]
-    return Dataset(name, task, records, shots, [r.paraphrases for r in train[:NUM_FEW_SHOT]])
+        raise InputError(f"{path}: no questions left to answer after taking the few-shot examples"
+                         + ("" if k == 0 else " (--num-fewshot 0 takes none)"))
+    shots = [(r.paraphrases[0], r.answers[0] if r.answers else "") for r in train[:k]]
+    return Dataset(name, task, records, shots, [r.paraphrases for r in train[:k]])
 
 
 # ---------------------------------------------------------------- the hub, failing fast when offline
@@ -230,11 +302,12 @@ def downloaded(name: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def upstream_few_shot(size: int, seed: int) -> list[int]:
-    """Upstream's few-shot rows: random.seed(seed); random.sample(range(size), 5) (a private generator, same draws)."""
-    if size < NUM_FEW_SHOT:
-        raise InputError(f"the train split has {size} rows, fewer than the {NUM_FEW_SHOT} few-shot examples")
-    return random.Random(seed).sample(range(size), NUM_FEW_SHOT)
+def upstream_few_shot(size: int, seed: int, k: int = NUM_FEW_SHOT) -> list[int]:
+    """Upstream's few-shot rows: random.seed(seed); random.sample(range(size), 5) (a private generator, same draws).
+    k = 5 is upstream's; another k (--num-fewshot) draws random.Random(seed).sample(range(size), k)."""
+    if size < k:
+        raise InputError(f"the train split has {size} rows, fewer than the {k} few-shot examples (--num-fewshot)")
+    return random.Random(seed).sample(range(size), k)
 
 
 # ---------------------------------------------------------------- WebQuestions
@@ -250,6 +323,8 @@ def webq_row(row, where: str) -> dict:
     question, answers = row.get("question", row.get("qText")), row.get("answers")
     if not isinstance(question, str) or not question.strip() or not isinstance(answers, list):
         raise InputError(f"{where}: not a WebQuestions row ({{question, answers}} or {{qId, qText, answers}})")
+    if has_lone_surrogate([question, answers]):
+        raise InputError(f"{where}: invalid Unicode (lone surrogate)")
     return {"qId": row.get("qId"), "question": question, "answers": [str(a) for a in answers]}
 
 
@@ -268,6 +343,8 @@ def read_webq_file(path: Path) -> list[dict]:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply") from None
     if not isinstance(rows, list):
         raise InputError(f"{path}: expected a JSON array of WebQuestions rows")
     return webq_order([webq_row(row, f"{path}: row {i + 1}") for i, row in enumerate(rows)])
@@ -308,15 +385,18 @@ def read_webquestions(data_file: Path | None) -> tuple[list[dict], list[dict]]:
     return test, train if train is not None else bundled_train()
 
 
-def load_webqa(data_file: Path | None, num_paraphrases: int, paraphraser=None, limit: int | None = None) -> Dataset:
+def load_webqa(data_file: Path | None, num_paraphrases: int, paraphraser=None, limit: int | None = None,
+               num_fewshot: int | None = None) -> Dataset:
     """WebQuestions as upstream builds it: uuid = md5(question); few-shot = 5 train rows drawn with random.seed(42),
-    each as its question and first answer; paraphrases made by the model itself (cached per model: paraphrase.py)."""
+    each as its question and first answer; paraphrases made by the model itself (cached per model: paraphrase.py).
+    num_fewshot K (None: upstream's 5) draws random.Random(42).sample(range(len(train)), K); 0: no examples."""
+    k = check_num_fewshot(num_fewshot)
     test, train = read_webquestions(data_file)
     if len(train) != WEBQA_TRAIN_QUESTIONS:
         log.warning("webqa: the train split has %d questions, not the hub's %d: the few-shot examples are not "
                     "upstream's", len(train), WEBQA_TRAIN_QUESTIONS)
     shots = [(train[i]["question"], (train[i]["answers"] or [""])[0])
-             for i in upstream_few_shot(len(train), WEBQA_FEW_SHOT_SEED)]
+             for i in upstream_few_shot(len(train), WEBQA_FEW_SHOT_SEED, k)]
     records, seen = [], set()
     for row in test[:limit]:
         uuid = question_uuid(row["question"])
@@ -394,7 +474,7 @@ def group_facts(rows: list[dict], source: str) -> list[Fact]:
         missing = [name for name in MYRIADLAMA_FIELDS if name not in row]
         if missing:
             raise InputError(f"myriadlama {source} row {i + 1}: missing fields {missing}")
-        uuid = str(row["uuid"])
+        uuid = check_uuid(row["uuid"], f"myriadlama {source} row {i + 1}")
         if uuid not in facts:
             aliases = as_list(row.get("obj_aliases")) or as_list(row.get("obj_ents"))  # upstream: the aliases
             facts[uuid] = Fact(uuid, row["sub_ent"], list(dict.fromkeys(a for a in aliases if a)))
@@ -447,24 +527,30 @@ def parity_gaps(facts: list[Fact], num_auto: int | None) -> list[str]:
     return gaps
 
 
-def load_myriadlama(data_file: Path | None, paraphrase_set: str | None = None) -> Dataset:
+def load_myriadlama(data_file: Path | None, paraphrase_set: str | None = None,
+                    num_fewshot: int | None = None) -> Dataset:
     """Upstream's construction: facts grouped and sorted by uuid, `train_test_split(test_size=2000, seed=42,
     shuffle=True)`, the test facts in that order, prompts from `fact_prompts`, few-shot = 5 training facts drawn with
-    random.seed(42). A local copy must keep the hub's row order: a fact's template order decides its prompts."""
+    random.seed(42). A local copy must keep the hub's row order: a fact's template order decides its prompts.
+    num_fewshot K (None: upstream's 5) draws random.Random(42).sample(range(len(train)), K), 0 none; the split is
+    the same for every K up to 5 (a small copy keeps max(K, 5) facts out of the test split)."""
     from datasets import Dataset as HFDataset
+    k = check_num_fewshot(num_fewshot)
+    reserved = max(k, NUM_FEW_SHOT)
     num_auto = auto_count(paraphrase_set or MYRIADLAMA_DEFAULT_PARAPHRASES)
     rows, source = read_myriadlama(data_file)
     facts = group_facts(rows, source)
-    if len(facts) <= NUM_FEW_SHOT:
-        raise InputError(f"myriadlama: {source} has only {len(facts)} facts; need more than {NUM_FEW_SHOT}")
+    if len(facts) <= reserved:
+        raise InputError(f"myriadlama: {source} has only {len(facts)} facts; need more than {reserved}"
+                         + ("" if reserved == NUM_FEW_SHOT else f" (--num-fewshot {k})"))
     gaps = parity_gaps(facts, num_auto)
     if gaps:
         log.warning("myriadlama: %s cannot give upstream's facts and prompts: %s", source, "; ".join(gaps))
     # the split's permutation depends only on the number of rows, so fact indices stand in for upstream's table
     split = HFDataset.from_dict({"fact": list(range(len(facts)))}).train_test_split(
-        test_size=min(MYRIADLAMA_TEST_FACTS, len(facts) - NUM_FEW_SHOT), seed=MYRIADLAMA_SPLIT_SEED, shuffle=True)
+        test_size=min(MYRIADLAMA_TEST_FACTS, len(facts) - reserved), seed=MYRIADLAMA_SPLIT_SEED, shuffle=True)
     train = [facts[i] for i in split["train"]["fact"]]
-    examples = [train[i] for i in upstream_few_shot(len(train), MYRIADLAMA_FEW_SHOT_SEED)]
+    examples = [train[i] for i in upstream_few_shot(len(train), MYRIADLAMA_FEW_SHOT_SEED, k)]
     records = [Record(facts[i].uuid, fact_prompts(facts[i], num_auto), facts[i].answers) for i in split["test"]["fact"]]
     return Dataset("myriadlama", "mask", records, [few_shot_example(f) for f in examples],
                    [fact_prompts(f, num_auto) for f in examples])
@@ -472,25 +558,45 @@ def load_myriadlama(data_file: Path | None, paraphrase_set: str | None = None) -
 
 # ---------------------------------------------------------------- the entry point
 
+def check_masks(ds: Dataset) -> None:
+    """--task mask: every paraphrase of every question and few-shot example holds the [MASK] placeholder."""
+    for record in ds.records:
+        i = missing_mask(record.paraphrases)
+        if i is not None:
+            raise InputError(f"{ds.name}: question {record.uuid}: paraphrase {i} has no {MASK_PLACEHOLDER} "
+                             f"placeholder (--task mask)")
+    for j, (question, _) in enumerate(ds.few_shot):
+        shown = [question, *(ds.few_shot_paraphrases[j] if j < len(ds.few_shot_paraphrases) else [])]
+        i = missing_mask(shown)
+        if i is not None:
+            raise InputError(f"{ds.name}: few-shot example {j}: {'its question' if i == 0 else f'paraphrase {i - 1}'} "
+                             f"has no {MASK_PLACEHOLDER} placeholder (--task mask)")
+
+
 def load_dataset_by_name(name: str, data_file: str | None = None, task: str | None = None,
                          num_paraphrases: int = 1, paraphraser=None, limit: int | None = None,
-                         paraphrase_set: str | None = None) -> Dataset:
+                         paraphrase_set: str | None = None, num_fewshot: int | None = None) -> Dataset:
     """The records of a dataset, checked to have `num_paraphrases` paraphrases each, cut to `limit`.
-    `paraphrase_set`: MyriadLAMA's templates (see `resolve_paraphrase_set`); None is upstream's."""
+    `paraphrase_set`: MyriadLAMA's templates (see `resolve_paraphrase_set`); None is upstream's.
+    `num_fewshot`: how many few-shot examples (--num-fewshot); None is the default 5, 0 none.
+    A mask task's prompts must all hold the [MASK] placeholder."""
     path = Path(data_file) if data_file else None
     paraphrase_set = resolve_paraphrase_set(name, paraphrase_set)
+    check_num_fewshot(num_fewshot)
     if name == "webqa_sample":
-        ds = load_jsonl(path or WEBQA_SAMPLE_FILE, task or "qa", name)
+        ds = load_jsonl(path or WEBQA_SAMPLE_FILE, task or "qa", name, num_fewshot)
     elif name == "jsonl":
         if path is None:
             raise InputError("--dataset jsonl needs --data-file PATH (one JSON object a line)")
-        ds = load_jsonl(path, task or "qa")
+        ds = load_jsonl(path, task or "qa", num_fewshot=num_fewshot)
     elif name == "webqa":
-        ds = load_webqa(path, num_paraphrases, paraphraser, limit)
+        ds = load_webqa(path, num_paraphrases, paraphraser, limit, num_fewshot)
     elif name == "myriadlama":
-        ds = load_myriadlama(path, paraphrase_set)
+        ds = load_myriadlama(path, paraphrase_set, num_fewshot)
     else:
         raise InputError(f"--dataset {name!r}: unknown; choose webqa_sample, webqa, myriadlama or jsonl")
+    if ds.task == "mask":
+        check_masks(ds)
     ds.records = ds.records[:limit]
     ds.check_paraphrases(num_paraphrases)
     return ds

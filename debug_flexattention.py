@@ -1,35 +1,41 @@
-"""Look inside attention-level fusion, one question at a time: the segments of the fused prompt with
-their token ranges, the tensor shapes, the attention mask (drawn in the terminal and saved as PNG),
-the isolation check (each paraphrase's cached K/V against prefix + that paraphrase run alone) and
-greedy decoding step by step with the top-k candidates.
+"""Look inside attention-level fusion, one question at a time, decoding exactly what
+flex_attention_generate.py decodes for the same flags: the settings, the segments of the fused prompt with
+their token ranges, the tensor shapes, the attention mask (drawn in the terminal with the prefix folded,
+and saved as PNG), the isolation check (each paraphrase's cached K/V against prefix + that paraphrase run
+alone) and greedy decoding step by step with the top-k candidates and the token ids.
 
     python debug_flexattention.py --dataset webqa_sample --max-samples 2 --num-paraphrases 3
     python debug_flexattention.py --dataset webqa --max-samples 1 --max-tokens 5 --verbose   (upstream's spelling)
     python debug_flexattention.py --dataset webqa_sample --indexs 0,1,2 --max-samples 1      (chosen paraphrases)
 
-The generators' common flags are accepted too; samples run one at a time (--batch-size is ignored).
-Exit code 1 when a paraphrase's K/V differ from its run alone beyond the tolerance.
+Pictures go to --output-dir (default: a folder under the system's temp dir, printed at start). Exit code 1
+when a paraphrase's K/V differ from its run alone beyond the tolerance.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from constants import InputError
+from cli import add_fusion_flags, add_n_flag, common_parser, fusion_settings, main_guard, parse, run_config
+from confidence import confidences, normalised_weights
+from constants import safe_name
 from decoding import Row, StopRule, answer_text, check_context, eos_ids, fused_row, pad_left
-from inspect_fusion import (generate_with_topk, isolation_diffs, print_isolation, print_layout, print_steps,
-                            segments_of, tolerance)
-from methods import resolve_backend
-from runner import add_fusion_flags, common_parser, load_job, main_guard, output_dir
+from fusion import FusionSettings
+from inspect_fusion import TopK, isolation_diffs, print_isolation, print_layout, print_steps, segments_of, tolerance
+from methods import decode_fused
+from runner import load_job
 from segment_mask import (FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, allowed_matrix, draw_mask,
                           mask_legend, segment_name)
 
 MAX_COLUMNS = 80  # the terminal grid is downsampled to at most this many columns (and rows)
+UNUSED_FLAGS = ("--batch-size", "--device-map", "--no-prefix-cache", "--lemmaize")  # one question at a time, no table
 
 
 # ---------------------------------------------------------------- the mask as an image
@@ -59,7 +65,8 @@ def save_mask_png(allowed: torch.Tensor, segment_ids: list[int], path: Path, tit
     ax.set_xlabel("key position in the row")
     ax.set_ylabel("query position in the row")
     ax.set_title(title)
-    handles = [Patch(color=colors[code[s]], label=segment_name(s)) for s in kinds] + [Patch(facecolor="white", edgecolor="black", label="masked")]
+    handles = [Patch(color=colors[code[s]], label=segment_name(s)) for s in kinds] + [
+        Patch(facecolor="white", edgecolor="black", label="masked")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -68,10 +75,10 @@ def save_mask_png(allowed: torch.Tensor, segment_ids: list[int], path: Path, tit
 
 # ---------------------------------------------------------------- one sample
 
-def print_shapes(model, row: Row, backend: str) -> None:
+def print_shapes(model, row: Row, settings: FusionSettings) -> None:
     ids, pos, seg = pad_left([row], 0, model.device)
-    mask = SegmentMask(seg, 0, backend, dtype=model.dtype).prefill()["attention_mask"]
-    if backend == "flex":  # a BlockMask: its shape and how many of its tiles are computed at all
+    mask = SegmentMask(seg, 0, settings, dtype=model.dtype).prefill()["attention_mask"]
+    if settings.backend == "flex":  # a BlockMask: its shape and how many of its tiles are computed at all
         q_blocks, kv_blocks = (math.ceil(n / b) for n, b in zip(mask.shape[-2:], mask.BLOCK_SIZE))
         computed = mask.kv_num_blocks.sum().item() + (
             mask.full_kv_num_blocks.sum().item() if mask.full_kv_num_blocks is not None else 0)
@@ -83,58 +90,72 @@ def print_shapes(model, row: Row, backend: str) -> None:
           f"segment_ids {tuple(seg.shape)}, attention_mask {mask_desc}")
 
 
-def debug_sample(model, tokenizer, dataset, record, args, backend: str, out_dir: Path, index: int, stop: StopRule) -> bool:
-    row = fused_row(tokenizer, dataset.prompt_parts(record, args.num_paraphrases), args.positions)
+def show_mask(row: Row, out_dir: Path, index: int, uuid: str, title: str) -> None:
+    print("mask:")
+    print(draw_mask(row.segment_ids, MAX_COLUMNS, fold_prefix=True))
+    print(mask_legend(row.segment_ids, MAX_COLUMNS))
+    png = out_dir / f"mask-{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', uuid)}.png"
+    save_mask_png(allowed_matrix(row.segment_ids), row.segment_ids, png, title)
+    print(f"mask image: {png}")
+
+
+def debug_sample(lm, dataset, record, args, settings: FusionSettings, weights, out_dir: Path, index: int,
+                 stop: StopRule) -> bool:
+    n = args.num
+    chooser = TopK(args.top_k)
+    rows, outputs, _ = decode_fused(lm, dataset, [record], n, stop, settings, weights, chooser)
+    row, tokens = rows[0], outputs[0]
     print(f"=== sample {index}: {record.uuid}  gold answers: {record.answers}")
     chosen = f" (--indexs {args.indexs})" if args.indexs else ""
-    print(f"layout: {args.num_paraphrases} paraphrases{chosen}, positions {args.positions}, attention {backend}, "
-          f"{len(row.input_ids)} tokens")
-    print_layout(tokenizer, row, args.verbose)
-    print_shapes(model, row, backend)
-    allowed = allowed_matrix(row.segment_ids)
-    print("mask:")
-    print(draw_mask(row.segment_ids, MAX_COLUMNS))
-    print(mask_legend(row.segment_ids, MAX_COLUMNS))
-    png = out_dir / f"mask-{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', record.uuid)}.png"
-    save_mask_png(allowed, row.segment_ids, png, f"{record.uuid}: {args.num_paraphrases} paraphrases, {args.positions}")
-    print(f"mask image: {png}")
+    print(f"layout: {n} paraphrases{chosen}, {len(row.input_ids)} tokens")
+    if weights:
+        print(f"confidence weights: {[round(w, 3) for w in weights[record.uuid][0]]}")
+    print_layout(lm.tokenizer, row, args.verbose)
+    print_shapes(lm.model, row, settings)
+    show_mask(row, out_dir, index, record.uuid, f"{record.uuid}: {n} paraphrases, {settings.positions}")
     print("isolation: each segment's cached K/V after the fused prefill vs prefix + that segment alone "
           "(plain causal SDPA, same positions):")
-    ok = print_isolation(isolation_diffs(model, row, backend), tolerance(model.dtype), args.verbose)
-    tokens, chooser = generate_with_topk(model, tokenizer, row, backend, stop, args.top_k)
+    ok = print_isolation(isolation_diffs(lm.model, row, settings), tolerance(lm.model.dtype), args.verbose)
     print(f"generation (greedy, top-{args.top_k} candidates with probabilities):")
-    print_steps(tokenizer, tokens, chooser)
-    prediction, generation = answer_text(tokenizer, tokens)
-    print(f"prediction: {prediction!r}  (generation {generation!r})\n")
+    print_steps(lm.tokenizer, tokens, chooser)
+    prediction, generation = answer_text(lm.tokenizer, tokens)
+    print(f"prediction: {prediction!r}  (generation {generation!r})")
+    print(f"token ids: {tokens}\n")
     return ok
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    p = common_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--max-tokens", "--max_tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS,
+    p = common_parser(__doc__.split("\n\n")[0], omit=UNUSED_FLAGS)
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_new_tokens", type=int,
+                   default=argparse.SUPPRESS,
                    help="the same as --max-new-tokens (upstream's name)")
-    add_fusion_flags(p)
+    add_n_flag(p, "paraphrases per question (N); default 5")
+    add_fusion_flags(p, compile_flag=False)
     p.add_argument("--top-k", "--top_k", type=int, default=5, help="candidates shown per generated token")
     p.add_argument("--verbose", "-v", action="store_true", help="full segment texts and every layer's isolation diff")
     p.set_defaults(limit=2)  # --limit / --max-samples: questions to inspect
-    args = p.parse_args(argv)
-    if args.limit < 1 or args.top_k < 1:
-        raise InputError("--max-samples and --top-k must be at least 1")
-    if args.lemmaize:
-        raise InputError("--lemmaize adds lemma columns to a generator's table; debug_flexattention.py writes none")
-    dataset, model, tokenizer = load_job(args, args.num_paraphrases)
-    backend, _, label = resolve_backend(args.attn, "off", model.device)  # eager flex: the debugger steps through it
-    print(f"attention: {label}")
-    out_dir = Path(args.output_dir) if args.output_dir else output_dir(args) / "debug_flexattention"
-    stop = StopRule(eos_ids(model, tokenizer), args.max_new_tokens)
-    print(f"model {args.model} ({model.config.model_type}, {model.config.num_hidden_layers} layers, {model.dtype}, "
-          f"{model.device}); dataset {dataset.name}: {len(dataset.records)} question(s)\n")
+    args = parse(p, argv)
+    config = run_config(args)
+    out_dir = Path(args.output_dir) if args.output_dir else (
+        Path(tempfile.gettempdir()) / "self-ensemble-debug" / f"{args.dataset}-{safe_name(Path(args.model).name)}")
+    config, dataset, lm = load_job(config, args.num)
+    settings, backend = fusion_settings(args, lm.device)  # eager flex: the debugger steps through it
+    print(f"decoding as flex_attention_generate.py does: {settings.describe()}; attention backend {backend}")
+    print(f"model {args.model} ({lm.model.config.model_type}, {lm.model.config.num_hidden_layers} layers, "
+          f"{lm.model.dtype}, {lm.device}); dataset {dataset.name}: {len(dataset.records)} question(s); "
+          f"pictures in {out_dir}\n")
+    stop = StopRule(eos_ids(lm.model, lm.tokenizer), config.max_new_tokens)
     for record in dataset.records:  # every question checked before the first picture is written
-        row = fused_row(tokenizer, dataset.prompt_parts(record, args.num_paraphrases), args.positions)
-        check_context(model, [row], args.max_new_tokens, record.uuid)
-    ok = [debug_sample(model, tokenizer, dataset, r, args, backend, out_dir, i, stop)
-          for i, r in enumerate(dataset.records, 1)]
+        row = fused_row(lm.tokenizer, dataset.prompt_parts(record, args.num, settings.fewshot), settings.positions)
+        check_context(lm.model, [row], config.max_new_tokens, record.uuid)
+    weights = None
+    if settings.bias == "confidence":  # as the command computes them (the same cache key, so the same values)
+        conf = confidences(lm, dataset, dataset.records, args.num, args.confidence_samples, stop, out_dir,
+                           config.seed, model_name=config.model)
+        weights = {u: normalised_weights(c) for u, c in conf.values.items()}
+    ok = [debug_sample(lm, dataset, r, args, settings, weights, out_dir, i, stop)
+          for i, r in enumerate(tqdm(dataset.records, desc="debug", unit="q", disable=not config.progress), 1)]
     print(f"isolation: {sum(ok)} of {len(ok)} sample(s) within tolerance")
     return 0 if all(ok) else 1
 

@@ -1,20 +1,21 @@
 """The decoding core shared by every generator: prompt rows with segment ids and positions, left
 padding, prefill into a KV cache, one token per live row per step, per-question stopping, finished
-questions dropped from the batch. Generators differ only in how a step's logits become tokens
-(`choose`) and in the attention mask (`MaskRenderer`)."""
+questions dropped from the batch. In gpt-fast's shape: `prefill`, `decode_one_token`, `decode_n_tokens`,
+and `decode` around them. Generators differ only in how a step's logits become tokens (`choose`) and in
+the attention mask (a `MaskRenderer`). The shared prefix's KV lives in the `LanguageModel` passed in."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Protocol
 
 import torch
 from transformers import DynamicCache
 
 from constants import InputError
+from fusion import POSITIONS
 from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SHOT_ANSWER, SHOT_STRIDE, attention_implementation
 
 
@@ -26,15 +27,13 @@ class Row:
     position_ids: list[int]
 
 
-POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted as the old name of "left"
-
-
 def layout_row(shared: list[list[int]], paraphrases: list[list[list[int]]], positions: str = "left") -> Row:
     """`[shared 0][paraphrases 1][shared 1]...[paraphrases K][shared K]` with segment and position ids
     (see PromptParts). Within a block, left (Parallel Context Windows): every paraphrase starts where the
     block starts, the shared text after it follows the longest; right (Structured Prompting): every
     paraphrase ends right before that shared text; continuous: 0..L-1 (upstream)."""
-    positions = "left" if positions == "aligned" else positions
+    if positions not in POSITIONS:
+        raise ValueError(f"positions {positions!r}: not one of {POSITIONS}")
     ids, seg, pos = list(shared[0]), [PREFIX_SEGMENT] * len(shared[0]), list(range(len(shared[0])))
     for j, (block, after) in enumerate(zip(paraphrases, shared[1:]), 1):
         question = j == len(paraphrases)  # the last block is the question's; earlier ones few-shot examples
@@ -259,15 +258,15 @@ def shared_prefix_length(rows: list[Row]) -> int:
 
 class PrefixCache:
     """The KV of the shared prefix (instruction and few-shot examples), computed once per run and prompt
-    format and reused by every batch, as serving engines cache prefixes. One per model."""
+    format and reused by every batch, as serving engines cache prefixes. One per loaded model; keyed by
+    the prefix's ids, dtype, device and the weights' version (weights changed in place recompute it)."""
 
     def __init__(self) -> None:
-        self.enabled = True
         self.entries: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def batch(self, model, ids: torch.Tensor, pos: torch.Tensor, rows: int) -> tuple[DynamicCache, int]:
         """A KV cache holding the prefix for `rows` rows, and how many tokens had to be computed (0 on reuse)."""
-        key = (tuple(ids.tolist()), model.dtype, str(ids.device))
+        key = (tuple(ids.tolist()), model.dtype, str(ids.device), weights_version(model))
         computed = 0
         if key not in self.entries:
             self.entries = {}  # one prompt format at a time: a new one replaces the old
@@ -280,58 +279,103 @@ class PrefixCache:
         return DynamicCache(ddp_cache_data=layers, config=model.config), computed
 
 
-PREFIX_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+def weights_version(model) -> int:
+    """Changes whenever a weight is written in place (load_state_dict, an optimiser step): torch counts
+    every in-place write of a tensor in its version counter."""
+    return sum(p._version for p in model.parameters())
 
 
-def prefix_cache(model) -> PrefixCache:
-    """The model's prefix cache (created on first use; turn reuse off with `prefix_cache(model).enabled`)."""
-    if model not in PREFIX_CACHES:
-        PREFIX_CACHES[model] = PrefixCache()
-    return PREFIX_CACHES[model]
+@dataclass
+class LanguageModel:
+    """A loaded model, its tokenizer and the KV of the shared prefix it has encoded (prefix_cache None:
+    the prefix is encoded in every batch, the reference the tests compare with)."""
+    model: object
+    tokenizer: object
+    prefix_cache: PrefixCache | None = field(default_factory=PrefixCache)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+@dataclass
+class LiveRows:
+    """What a decode carries from step to step: the KV cache, the mask renderer, each row's next position
+    and the questions still decoding (row r belongs to question questions[r // n])."""
+    cache: DynamicCache
+    mask: MaskRenderer
+    positions: torch.Tensor
+    questions: torch.Tensor
+
+    def keep(self, keep: torch.Tensor, n: int) -> None:
+        """Drop the rows of finished questions (keep [Q] bool) from the cache, the mask and the positions."""
+        rows = keep.repeat_interleave(n).nonzero().squeeze(-1)
+        self.cache.batch_select_indices(rows)
+        self.mask.select(rows)
+        self.positions, self.questions = self.positions[rows], self.questions[keep]
+
+
+Renderer = Callable[[torch.Tensor, int], MaskRenderer]  # (segment ids [R, L], max new tokens) -> its renderer
 
 
 @torch.inference_mode()
-def decode(model, tokenizer, rows: list[Row], n: int, choose: Chooser, stop: StopRule,
-           mask_cls: type[MaskRenderer] = PaddingMask, mask_kwargs: dict | None = None
-           ) -> tuple[list[list[int]], DecodeStats]:
-    """Decode all questions of a batch together: rows [q*n, (q+1)*n) belong to question q and receive
-    the same chosen token. The shared prefix comes from the run's prefix cache; then one forward for the
-    rest of the prompts and one per step over the live rows, with a KV cache."""
-    start = time.perf_counter()
-    device = model.device
-    shared = shared_prefix_length(rows) if prefix_cache(model).enabled else 0
-    ids, pos, seg = pad_left(rows, tokenizer.pad_token_id, device, after=shared)
-    mask = mask_cls(seg, stop.max_new_tokens, **(mask_kwargs or {}))
-    stats = DecodeStats(prefill_tokens=ids[:, shared:].numel())
+def prefill_rows(lm: LanguageModel, rows: list[Row], n: int, renderer: Renderer, max_new_tokens: int,
+                 stats: DecodeStats) -> tuple[torch.Tensor, LiveRows]:
+    """The prompt rows (n per question) into a KV cache, the shared prefix taken from the model's prefix
+    cache: the last prompt token's logits [R, V] and the live rows."""
+    shared = shared_prefix_length(rows) if lm.prefix_cache is not None else 0
+    ids, pos, seg = pad_left(rows, lm.tokenizer.pad_token_id, lm.device, after=shared)
+    mask = renderer(seg, max_new_tokens)
+    stats.prefill_tokens += ids[:, shared:].numel()
     cache = None
     if shared:
-        cache, computed = prefix_cache(model).batch(model, ids[0, :shared], pos[0, :shared], len(rows))
+        cache, computed = lm.prefix_cache.batch(lm.model, ids[0, :shared], pos[0, :shared], len(rows))
         stats.prefill_tokens += computed
-    with mask.attention(model):
-        logits, cache = prefill(model, ids[:, shared:], pos[:, shared:], mask.prefill(shared), cache=cache)
-        logits = logits[:, -1]
-        num_questions = len(rows) // n
-        outputs: list[list[int]] = [[] for _ in range(num_questions)]
-        live = torch.arange(num_questions, device=device)
-        next_pos = pos[:, -1] + 1
+    with mask.attention(lm.model):
+        logits, cache = prefill(lm.model, ids[:, shared:], pos[:, shared:], mask.prefill(shared), cache=cache)
+    return logits[:, -1], LiveRows(cache, mask, pos[:, -1] + 1, torch.arange(len(rows) // n, device=lm.device))
+
+
+def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                     mask: dict) -> torch.Tensor:
+    """One token per row [R] at its position [R] through the model: the next logits [R, V]."""
+    return model(input_ids=tokens[:, None], position_ids=positions[:, None], cache=cache, use_cache=True,
+                 **mask).logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_n_tokens(lm: LanguageModel, logits: torch.Tensor, live: LiveRows, n: int, choose: Chooser,
+                    stop: StopRule, stats: DecodeStats) -> list[list[int]]:
+    """From the prompt's last logits: each step `choose`s one token per live question (its n rows get
+    it), finished questions leave the batch, until every question has stopped."""
+    outputs: list[list[int]] = [[] for _ in range(len(live.questions))]
+    with live.mask.attention(lm.model):
         while True:
-            tokens = choose(logits.float().view(len(live), n, -1), live)
-            for q, t in zip(live.tolist(), tokens.tolist()):
+            tokens = choose(logits.float().view(len(live.questions), n, -1), live.questions)
+            for q, t in zip(live.questions.tolist(), tokens.tolist()):
                 outputs[q].append(t)
-            keep = torch.tensor([not stop.done(outputs[q], tokenizer) for q in live.tolist()], device=device)
+            keep = torch.tensor([not stop.done(outputs[q], lm.tokenizer) for q in live.questions.tolist()],
+                                device=lm.device)
             if not keep.any():
-                break
-            if not keep.all():  # drop finished questions' rows from the cache and the mask
-                rows_kept = keep.repeat_interleave(n).nonzero().squeeze(-1)
-                cache.batch_select_indices(rows_kept)
-                mask.select(rows_kept)
-                live, tokens, next_pos = live[keep], tokens[keep], next_pos[rows_kept]
-            step_ids = tokens.repeat_interleave(n).unsqueeze(-1)
-            logits = model(input_ids=step_ids, position_ids=next_pos.unsqueeze(-1), cache=cache, use_cache=True,
-                           **mask.step()).logits[:, -1]
-            next_pos = next_pos + 1
+                return outputs
+            if not keep.all():
+                tokens = tokens[keep]
+                live.keep(keep, n)
+            step_ids = tokens.repeat_interleave(n)
+            logits = decode_one_token(lm.model, step_ids, live.positions, live.cache, live.mask.step())
+            live.positions = live.positions + 1
             stats.steps += 1
             stats.decode_tokens += step_ids.numel()
+
+
+def decode(lm: LanguageModel, rows: list[Row], n: int, choose: Chooser, stop: StopRule,
+           renderer: Renderer | None = None) -> tuple[list[list[int]], DecodeStats]:
+    """Decode all questions of a batch together: rows [q*n, (q+1)*n) belong to question q and receive
+    the same chosen token. `renderer` makes the attention mask (default: plain causal with padding)."""
+    start = time.perf_counter()
+    stats = DecodeStats()
+    logits, live = prefill_rows(lm, rows, n, renderer or PaddingMask, stop.max_new_tokens, stats)
+    outputs = decode_n_tokens(lm, logits, live, n, choose, stop, stats)
     stats.seconds = time.perf_counter() - start
     return outputs, stats
 

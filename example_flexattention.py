@@ -6,17 +6,18 @@ paraphrases answered by a tiny random model in one fused sequence, with the isol
 """
 from __future__ import annotations
 
-import argparse
+import math
 
 import torch
 
+from cli import OneLineParser, main_guard
 from dataset import Dataset, Record
-from decoding import Row, StopRule, build_row, fused_row
-from inspect_fusion import generate_with_topk, isolation_diffs, print_isolation, print_layout, print_steps, tolerance
-from methods import answer_fused
+from decoding import LanguageModel, Row, StopRule, build_row
+from fusion import FusionSettings
+from inspect_fusion import TopK, isolation_diffs, print_isolation, print_layout, print_steps, tolerance
+from methods import answer_fused, decode_fused
 from models import load_model
-from runner import main_guard
-from segment_mask import FUSED_SEGMENT, allowed_matrix, draw_mask, mask_legend
+from segment_mask import FUSED_SEGMENT, PREFIX_SEGMENT, allowed_matrix, draw_mask, mask_legend
 
 # A hand-made layout: token ids do not matter for the mask, only the segments do.
 PREFIX = [11, 12, 13]            # instruction and few-shot examples, shared
@@ -42,50 +43,55 @@ def show_masks() -> None:
     for title, row in example_layouts():
         print(f"--- {title}")
         print(draw_mask(row.segment_ids))
-        print(f"  position ids (aligned): {row.position_ids}\n")
+        print(f"  position ids (left): {row.position_ids}\n")
     print(mask_legend(example_layouts()[-1][1].segment_ids) + "\n")
 
 
 def run_ensemble(model_name: str, attn: str, max_new_tokens: int) -> bool:
-    model, tokenizer = load_model(model_name, device="cpu")
+    lm = LanguageModel(*load_model(model_name, device="cpu"))
     dataset = Dataset("example", "qa", [QUESTION], FEW_SHOT)
-    row = fused_row(tokenizer, dataset.prompt_parts(QUESTION, 3))
-    print(f"=== attention-level ensemble on {model_name}: 1 question, 3 paraphrases, one row of "
-          f"{len(row.input_ids)} tokens")
-    print_layout(tokenizer, row, verbose=False)
-    print("isolation: K/V of each segment after the fused prefill vs prefix + that segment run alone:")
-    ok = print_isolation(isolation_diffs(model, row, attn), tolerance(model.dtype), verbose=True)
+    settings = FusionSettings(backend=attn)  # what flex_attention_generate.py decodes by default
     stop = StopRule(set(), max_new_tokens, first_line_only=False)  # a random model: show every step
-    tokens, chooser = generate_with_topk(model, tokenizer, row, attn, stop, k=3)
+    chooser = TopK(3)
+    rows, outputs, _ = decode_fused(lm, dataset, [QUESTION], 3, stop, settings, choose=chooser)
+    row, tokens = rows[0], outputs[0]
+    print(f"=== attention-level ensemble on {model_name}: 1 question, 3 paraphrases, one row of "
+          f"{len(row.input_ids)} tokens; {settings.describe()}")
+    print_layout(lm.tokenizer, row, verbose=False)
+    print("isolation: K/V of each segment after the fused prefill vs prefix + that segment run alone:")
+    ok = print_isolation(isolation_diffs(lm.model, row, settings), tolerance(lm.model.dtype), verbose=True)
     print("generated tokens (greedy; top-3 candidates):")
-    print_steps(tokenizer, tokens, chooser)
+    print_steps(lm.tokenizer, tokens, chooser)
     # An independent reference: no KV cache, the whole sequence re-run every step under the dense mask
-    # drawn above (allowed_matrix), through plain SDPA; the generator's own entry point must agree with it.
-    reference = full_recompute(model, row, max_new_tokens)
-    fused = answer_fused(model, tokenizer, dataset, [QUESTION], 3, stop, backend=attn)[0][0]
-    same = tokens == reference and fused["generation"] == tokenizer.decode(reference, skip_special_tokens=True)
+    # drawn above (allowed_matrix) with the -log N bias written out, through plain SDPA; the command's own
+    # entry point must agree with it.
+    reference = full_recompute(lm.model, row, max_new_tokens, bias=-math.log(3))
+    fused = answer_fused(lm, dataset, [QUESTION], 3, stop, settings)[0][0]
+    same = tokens == reference and fused["token_ids"] == reference
     print(f"the cached decode and answer_fused give the tokens of a no-cache full recompute: {same}")
     return ok and same
 
 
 @torch.inference_mode()
-def full_recompute(model, row: Row, max_new_tokens: int) -> list[int]:
-    """Greedy tokens, each from the whole sequence (prompt + tokens so far) and its full mask, no cache."""
+def full_recompute(model, row: Row, max_new_tokens: int, bias: float = 0.0) -> list[int]:
+    """Greedy tokens, each from the whole sequence (prompt + tokens so far) and its full mask, no cache;
+    `bias` is added to the scores of every fused query (suffix, generated) on the paraphrases' keys."""
     generated: list[int] = []
     next_pos = max(row.position_ids) + 1
     for _ in range(max_new_tokens):
-        seg = row.segment_ids + [FUSED_SEGMENT] * len(generated)
-        mask = torch.where(allowed_matrix(seg), 0.0, float("-inf"))[None, None]
+        seg = torch.tensor(row.segment_ids + [FUSED_SEGMENT] * len(generated))
+        reads_paraphrase = (seg[:, None] == FUSED_SEGMENT) & (seg[None, :] != FUSED_SEGMENT) & (seg[None, :] != PREFIX_SEGMENT)
+        mask = torch.where(allowed_matrix(seg.tolist()), torch.where(reads_paraphrase, bias, 0.0), float("-inf"))
         ids = torch.tensor([row.input_ids + generated])
         pos = torch.tensor([row.position_ids + list(range(next_pos, next_pos + len(generated)))])
-        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits[0, -1]
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask[None, None], use_cache=False).logits[0, -1]
         generated.append(int(logits.argmax()))
     return generated
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-llama", help="tiny-llama, tiny-qwen2, tiny-qwen3 or any models.load_model name")
     p.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa", help="flex: FlexAttention, eager (no compile)")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=8)

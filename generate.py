@@ -10,18 +10,9 @@ diversity runs); --lemmaize adds upstream's lemma columns to the table the same 
 """
 from __future__ import annotations
 
-import argparse
-
-from constants import DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_NUM_PARAPHRASES, LOGIT_METHODS, InputError
-from confidence import confidences
-from dataset import Record
-from decoding import StopRule, eos_ids, single_rows
-from methods import answer_ensemble, answer_per_prompt
-from runner import Done, check_prompts, common_parser, load_job, main_guard, output_dir, run_job
-
-
-def output_name(method: str, n: int) -> str:
-    return f"{method}.feather" if method in ("per_prompt", "origin") else f"ensemble_{method}-{n}.feather"
+from cli import Done, add_n_flag, common_parser, lemmaize_command, main_guard, parse, run_config
+from constants import DEFAULT_CONFIDENCE_SAMPLES, LOGIT_METHODS, InputError
+from runner import bind_model, load_lm, logit_count, logit_flags, logit_job, logit_table_name, open_job
 
 
 @main_guard
@@ -29,45 +20,29 @@ def main(argv: list[str] | None = None) -> int:
     p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--method", default="avg", choices=[*LOGIT_METHODS, "all"],
                    help="all: origin, then per_prompt (upstream's baselines)")
-    p.add_argument("--num-ensemble", "--num_ensemble", type=int,
-                   help="paraphrases per question (N); default 5, and for per_prompt every paraphrase")
+    add_n_flag(p, "paraphrases per question (N); default 5, and for per_prompt every paraphrase")
     p.add_argument("--confidence-samples", type=int, default=DEFAULT_CONFIDENCE_SAMPLES,
                    help="K sampled answers per paraphrase for weighted methods (upstream: 100)")
-    args = p.parse_args(argv)
+    args = parse(p, argv, default_n=None)
     if args.indexs and args.method in ("per_prompt", "origin", "all"):
         raise InputError(f"--indexs chooses the paraphrases an ensemble fuses; --method {args.method} is no ensemble "
                          f"(per_prompt answers every paraphrase already)")
+    lm = None
     for method in (("origin", "per_prompt") if args.method == "all" else (args.method,)):
+        config = run_config(args, **logit_flags(method, args.num, args.confidence_samples))
+        n = logit_count(method, args.num)
+        table = config.out_dir() / logit_table_name(method, n or 1)
         try:
-            run(argparse.Namespace(**{**vars(args), "method": method}))
+            if args.lemmaize:
+                lemmaize_command(config, table)
         except Done as done:  # --lemmaize finished this table: on to the next one
             print(done)
+            continue
+        config, dataset = open_job(config, n or 1, table)
+        lm = lm or load_lm(config)  # --method all: one model for both tables
+        bind_model(config, dataset, lm, n or 1)
+        logit_job(config, dataset, lm, method, args.num)
     return 0
-
-
-def run(args: argparse.Namespace) -> None:
-    """One method's table."""
-    every = args.method == "per_prompt" and args.num_ensemble is None  # upstream: all paraphrases of a question
-    n = 1 if args.method == "origin" else args.num_ensemble or DEFAULT_NUM_PARAPHRASES
-    out_dir = output_dir(args)
-    table = out_dir / output_name(args.method, n)
-    dataset, model, tokenizer = load_job(args, 1 if every else n, table)
-    stop = StopRule(eos_ids(model, tokenizer), args.max_new_tokens)
-    def count(record: Record) -> int:
-        return len(record.paraphrases) if every else n
-    check_prompts(model, dataset, lambda r: single_rows(tokenizer, dataset.prompt_parts(r, count(r)),
-                                                        list(range(count(r)))), args.max_new_tokens)
-
-    def answer_batch(batch: list[Record]) -> list[dict]:
-        if args.method in ("per_prompt", "origin"):
-            return answer_per_prompt(model, tokenizer, dataset, batch, None if every else n, stop, args.method)[0]
-        if not args.method.startswith("weighted"):
-            return answer_ensemble(model, tokenizer, dataset, batch, n, stop, args.method)[0]
-        conf = confidences(model, tokenizer, dataset, batch, n, args.confidence_samples, stop, out_dir, args.seed,
-                           model_name=args.model)
-        return conf.annotate(answer_ensemble(model, tokenizer, dataset, batch, n, stop, args.method, conf.values)[0])
-
-    run_job(args, dataset, table, answer_batch, model=model)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding import PaddingMask, Row, StopRule, decode, greedy, pad_left, prefill
+from decoding import PaddingMask, Row, greedy, pad_left, prefill
+from fusion import FusionSettings
 from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, segment_name
 
 
@@ -35,10 +36,10 @@ def segments_of(segment_ids: list[int]) -> list[Segment]:
 
 # ---------------------------------------------------------------- isolation check
 
-def fused_prefill(model, row: Row, backend: str):
+def fused_prefill(model, row: Row, settings: FusionSettings):
     """The fused layout run once through the model with the project's mask; the filled KV cache."""
     ids, pos, seg = pad_left([row], 0, model.device)
-    mask = SegmentMask(seg, 0, backend, dtype=model.dtype)
+    mask = SegmentMask(seg, 0, settings, dtype=model.dtype)
     with mask.attention(model):
         return prefill(model, ids, pos, mask.prefill())[1]
 
@@ -64,11 +65,11 @@ class LayerDiff:
     rel: float  # the larger of dk / max |K_alone| and dv / max |V_alone|: comparable across layers and models
 
 
-def isolation_diffs(model, row: Row, backend: str) -> dict[str, list[LayerDiff]]:
+def isolation_diffs(model, row: Row, settings: FusionSettings) -> dict[str, list[LayerDiff]]:
     """Per segment (prefix and each paraphrase), per layer: the difference between the fused prefill's
     cache and prefix + that segment run alone at the same positions. The prefix is the same causal
     computation in both runs: its diff is the noise floor of two sequence lengths."""
-    fused = fused_prefill(model, row, backend)
+    fused = fused_prefill(model, row, settings)
     prefix = [i for i, s in enumerate(row.segment_ids) if s == PREFIX_SEGMENT]
     out: dict[str, list[LayerDiff]] = {}
     for seg in segments_of(row.segment_ids):
@@ -130,14 +131,6 @@ class TopK:
         p, ids = probs.topk(min(self.k, probs.numel()))
         self.steps.append(list(zip(ids.tolist(), p.tolist())))
         return greedy(logits, live)
-
-
-def generate_with_topk(model, tokenizer, row: Row, backend: str, stop: StopRule, k: int) -> tuple[list[int], TopK]:
-    """The project's decode loop (prefill with the fused mask, KV cache), recording each step's top-k."""
-    chooser = TopK(k)
-    outputs, _ = decode(model, tokenizer, [row], 1, chooser, stop, SegmentMask,
-                        dict(backend=backend, dtype=model.dtype))
-    return outputs[0], chooser
 
 
 def print_steps(tokenizer, tokens: list[int], chooser: TopK) -> None:

@@ -4,24 +4,28 @@ question at every step) and attention-level fusion (one fused row, the mask of s
 generate.py and flex_attention_generate.py are their commands; the benchmark calls them too."""
 from __future__ import annotations
 
-import math
+from functools import partial
 
 import torch
 
 from confidence import normalised_weights
-from constants import DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS, InputError
+from constants import InputError
 from dataset import Dataset, Record
-from decoding import DecodeStats, StopRule, decode, fused_row, greedy, single_rows
+from decoding import Chooser, DecodeStats, LanguageModel, Row, StopRule, decode, fused_row, greedy, single_rows
+from fusion import FusionSettings
 from results import result_row
-from segment_mask import SegmentMask, flex_available, segment_biases
+from segment_mask import PREFIX_SEGMENT, SegmentMask, flex_available, segment_biases
 
 AUTO_CUDA_BACKEND = "flex"  # --attn auto on CUDA; to be set from the GPU table (benchmarks/README.md)
+FUSION_METHODS = ("avg", "avg_prob", "max", "weighted_avg", "weighted_max")
 
 
 def fuse_logits(logits: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per question from logits [Q, N, V] of its N paraphrases; weights [Q, N] sum to 1."""
-    if method == "avg":
+    if method == "avg":  # the mean of log-probabilities (a product of experts)
         return torch.log_softmax(logits, -1).mean(1).argmax(-1)
+    if method == "avg_prob":  # the mean of probabilities (a mixture, M-Ped's)
+        return torch.softmax(logits, -1).mean(1).argmax(-1)
     if method == "max":
         return torch.softmax(logits, -1).max(1).values.argmax(-1)
     if method == "weighted_avg":
@@ -32,63 +36,87 @@ def fuse_logits(logits: torch.Tensor, method: str, weights: torch.Tensor | None 
     raise ValueError(f"unknown fusion method {method!r}")
 
 
-def answer_per_prompt(model, tokenizer, dataset: Dataset, batch: list[Record], n: int | None, stop: StopRule,
+def token_counts(rows: list[Row], tokens: list[int]) -> dict:
+    """What one question's rows cost in tokens run through the model, independent of its batch: its prompt
+    tokens beyond the shared prefix (encoded once per run) and its decode steps' tokens (every generated
+    token but the last runs through each of its rows)."""
+    prompt = sum(sum(s != PREFIX_SEGMENT for s in row.segment_ids) for row in rows)
+    return dict(prompt_tokens=int(prompt), decode_tokens=max(len(tokens) - 1, 0) * len(rows))
+
+
+def answer_per_prompt(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int | None, stop: StopRule,
                       method: str) -> tuple[list[dict], DecodeStats]:
     """per_prompt (each of the first n paraphrases alone; n None: every paraphrase of the question, as
     upstream) and origin (paraphrase 0 alone): one row per prompt, and the decode statistics."""
     counts = [1 if method == "origin" else n or len(r.paraphrases) for r in batch]
     parts = [dataset.prompt_parts(r, k) for r, k in zip(batch, counts)]
     jobs = [(record, p, i) for record, p, k in zip(batch, parts, counts) for i in range(k)]
-    rows = [row for p, k in zip(parts, counts) for row in single_rows(tokenizer, p, list(range(k)))]
-    outputs, stats = decode(model, tokenizer, rows, 1, greedy, stop)
+    rows = [row for p, k in zip(parts, counts) for row in single_rows(lm.tokenizer, p, list(range(k)))]
+    outputs, stats = decode(lm, rows, 1, greedy, stop)
     seconds = stats.seconds / len(rows)
-    return [result_row(record, tokenizer, tokens, paraphrases=[record.paraphrases[i]], prompts=[p.full(i)],
-                       seconds=seconds, method=method, num_ensemble=len(p.segments), paraphrase_index=i)
-            for (record, p, i), tokens in zip(jobs, outputs)], stats
+    return [result_row(record, lm.tokenizer, tokens, paraphrases=[record.paraphrases[i]], prompts=[p.full(i)],
+                       seconds=seconds, method=method, num_ensemble=len(p.segments), paraphrase_index=i,
+                       **token_counts([row], tokens))
+            for (record, p, i), row, tokens in zip(jobs, rows, outputs)], stats
 
 
-def answer_ensemble(model, tokenizer, dataset: Dataset, batch: list[Record], n: int, stop: StopRule, method: str,
+def answer_ensemble(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule, method: str,
                     conf: dict[str, list[float]] | None = None) -> tuple[list[dict], DecodeStats]:
-    """avg / max / weighted_avg / weighted_max: N rows per question, one fused token per step; returns
-    the result rows and the decode statistics."""
+    """avg / avg_prob / max / weighted_avg / weighted_max: N rows per question, one fused token per step;
+    returns the result rows and the decode statistics."""
     parts = [dataset.prompt_parts(r, n) for r in batch]
-    rows = [row for p in parts for row in single_rows(tokenizer, p, list(range(n)))]
+    rows = [single_rows(lm.tokenizer, p, list(range(n))) for p in parts]
     weights, fallback = [None] * len(batch), [False] * len(batch)
     if conf is not None:
         weights, fallback = zip(*(normalised_weights(conf[r.uuid]) for r in batch))
-        all_weights = torch.tensor(weights, device=model.device)
+        all_weights = torch.tensor(weights, device=lm.device)
+
     def choose(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         return fuse_logits(logits, method, all_weights[live] if conf is not None else None)
-    outputs, stats = decode(model, tokenizer, rows, n, choose, stop)
+    outputs, stats = decode(lm, [row for question in rows for row in question], n, choose, stop)
     seconds = stats.seconds / len(batch)
-    return [result_row(record, tokenizer, tokens, paraphrases=record.paraphrases[:n],
+    return [result_row(record, lm.tokenizer, tokens, paraphrases=record.paraphrases[:n],
                        prompts=[p.full(i) for i in range(n)], seconds=seconds, method=method, num_ensemble=n,
+                       **token_counts(question, tokens),
                        **(dict(weights=list(w), weights_fallback=fb) if conf is not None else {}))
-            for record, p, tokens, w, fb in zip(batch, parts, outputs, weights, fallback)], stats
+            for record, p, question, tokens, w, fb in zip(batch, parts, rows, outputs, weights, fallback)], stats
 
 
-def answer_fused(model, tokenizer, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
-                 positions: str = DEFAULT_POSITIONS, backend: str = "sdpa", fusion_bias: str = DEFAULT_FUSION_BIAS,
-                 weights: dict[str, tuple[list[float], bool]] | None = None, compile: bool = False,
-                 temperature: float = DEFAULT_FUSION_TEMPERATURE, fewshot: str = DEFAULT_FEWSHOT_FORMAT
-                 ) -> tuple[list[dict], DecodeStats]:
-    """One fused row per question: (result rows, decode statistics). `weights` (uuid -> normalised
-    confidences, fallback flag) for --fusion-bias confidence; `fewshot` fused shows each few-shot example
-    as its N paraphrases too (their bias is -log N whenever a bias is on)."""
-    parts = [dataset.prompt_parts(r, n, fewshot) for r in batch]
-    rows = [fused_row(tokenizer, p, positions) for p in parts]
-    biases = None
-    if fusion_bias != "none":
-        biases = torch.tensor([segment_biases(n, fusion_bias, weights and weights[r.uuid][0]) for r in batch],
-                              device=model.device)
-    outputs, stats = decode(model, tokenizer, rows, 1, greedy, stop, SegmentMask,
-                            dict(backend=backend, biases=biases, dtype=model.dtype, compile=compile,
-                                 temperature=temperature, example_bias=-math.log(n) if biases is not None else 0.0))
+def fusion_biases(settings: FusionSettings, batch: list[Record], n: int,
+                  weights: dict[str, tuple[list[float], bool]] | None, device) -> torch.Tensor | None:
+    """[B, N] score biases of the question's paraphrases (None without a bias); `weights` (uuid ->
+    normalised confidences, fallback flag) for bias confidence."""
+    if settings.bias == "none":
+        return None
+    if settings.bias == "confidence" and weights is None:
+        raise ValueError("fusion bias confidence needs each question's confidence weights")
+    return torch.tensor([segment_biases(n, settings.bias, weights and weights[r.uuid][0]) for r in batch],
+                        device=device)
+
+
+def decode_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                 settings: FusionSettings, weights: dict[str, tuple[list[float], bool]] | None = None,
+                 choose: Chooser = greedy) -> tuple[list[Row], list[list[int]], DecodeStats]:
+    """The fused rows of a batch of questions decoded with `settings`: (rows, generated tokens, decode
+    statistics). The one decode of attention-level fusion: the command, the debug tool and the example
+    all come here. `weights` (uuid -> normalised confidences, fallback flag) for --fusion-bias confidence."""
+    parts = [dataset.prompt_parts(r, n, settings.fewshot) for r in batch]
+    rows = [fused_row(lm.tokenizer, p, settings.positions) for p in parts]
+    renderer = partial(SegmentMask, settings=settings, biases=fusion_biases(settings, batch, n, weights, lm.device),
+                       dtype=lm.model.dtype)
+    outputs, stats = decode(lm, rows, 1, choose, stop, renderer)
+    return rows, outputs, stats
+
+
+def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                 settings: FusionSettings = FusionSettings(),
+                 weights: dict[str, tuple[list[float], bool]] | None = None) -> tuple[list[dict], DecodeStats]:
+    """One fused row per question, decoded with `settings`: (result rows, decode statistics)."""
+    rows, outputs, stats = decode_fused(lm, dataset, batch, n, stop, settings, weights)
     seconds = stats.seconds / len(batch)
-    return [result_row(record, tokenizer, tokens, paraphrases=record.paraphrases[:n],
-                       prompts=[tokenizer.decode(row.input_ids)], seconds=seconds, method="flex_attention",
-                       num_ensemble=n, positions=positions, attn_backend=backend, fusion_bias=fusion_bias,
-                       fusion_temperature=temperature, fewshot_format=fewshot,
+    return [result_row(record, lm.tokenizer, tokens, paraphrases=record.paraphrases[:n],
+                       prompts=[lm.tokenizer.decode(row.input_ids)], seconds=seconds, method="flex_attention",
+                       num_ensemble=n, **settings.row_fields(), **token_counts([row], tokens),
                        **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}))
             for record, row, tokens in zip(batch, rows, outputs)], stats
 

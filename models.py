@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import re
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from constants import CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MODELS, TINY_MODELS, InputError
+from constants import (CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MODELS, TINY_MODELS, InputError,
+                       first_line)
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -170,19 +172,114 @@ def is_hub_id(source: str) -> bool:
     return "/" in source and not Path(source).exists() and not source.startswith((".", "/"))
 
 
+def check_cache_dir(cache_dir: Path | None = None) -> None:
+    """The cache folder (constants.CACHE_DIR, moved by SELF_ENSEMBLE_CACHE) is, or can be created as, a folder:
+    not a file, not below a file, not a symlink loop. InputError naming SELF_ENSEMBLE_CACHE otherwise; creates
+    nothing, and does not ask for write access (a read-only cache that holds everything needed works)."""
+    from results import existing_ancestor, symlink_trouble
+    folder = Path(cache_dir or CACHE_DIR)
+    existing = existing_ancestor(folder)
+    trouble = symlink_trouble(existing)
+    if trouble:
+        why = f"{existing} is {trouble}"
+    elif existing.exists() and not existing.is_dir():
+        why = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
+    else:
+        return
+    set_by = "from SELF_ENSEMBLE_CACHE" if os.environ.get("SELF_ENSEMBLE_CACHE") else "the default"
+    raise InputError(f"the cache folder {folder} ({set_by}) {why}; set SELF_ENSEMBLE_CACHE to a folder")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+REVISIONS_FILE = "revisions.json"  # in CACHE_DIR: each weight file's sha256, by absolute path, size and mtime_ns
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files that decide a local model folder's weights: config.json and every *.safetensors, *.bin, *.gguf,
+    *.pt file (hidden files aside), in name order."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+
+
+def read_revisions(cache: Path) -> dict:
+    try:
+        kept = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: hashed again
+    return kept if isinstance(kept, dict) else {}
+
+
+def file_sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def folder_revision(folder: Path, cache_dir: Path | None = None) -> str:
+    """A content hash of a local model folder (see weight_files): the sha256 of each file, reused from
+    CACHE_DIR/revisions.json while the file's absolute path, size and mtime_ns are unchanged (a re-saved file gets
+    a new mtime, so weights changed within the same size are hashed again). The cache is written atomically; an
+    unreadable or unwritable one only costs the hashing."""
+    cache = Path(cache_dir or CACHE_DIR) / REVISIONS_FILE
+    kept = read_revisions(cache)
+    digest, changed = hashlib.sha256(), False
+    for file in weight_files(folder):
+        stat = file.stat()
+        key = str(file.absolute())
+        entry = kept.get(key)
+        if not (isinstance(entry, dict) and entry.get("size") == stat.st_size
+                and entry.get("mtime_ns") == stat.st_mtime_ns and isinstance(entry.get("sha256"), str)):
+            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(file)}
+            kept[key], changed = entry, True
+        digest.update(f"{file.name}\t{entry['sha256']}\n".encode())
+    if changed:
+        from results import atomic_write
+        text = json.dumps(kept, indent=1, sort_keys=True)
+        try:
+            atomic_write(cache, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        except InputError as err:  # results.WriteError: a read-only or full cache folder
+            log.debug("model revision cache not written: %s", err)
+    return f"files:{digest.hexdigest()[:16]}"
+
+
 def model_revision(model) -> str | None:
-    """What identifies the loaded weights: the hub commit (the config's `_commit_hash`), else a hash of the
-    local folder's file names and sizes, else None (the tiny test models, built by code)."""
+    """What identifies the loaded weights: the hub commit (the config's `_commit_hash`), else a content hash of
+    the local folder's weight files and config (folder_revision), else None (the tiny test models, built by code)."""
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
         return str(commit)
     folder = getattr(model.config, "_name_or_path", "") or ""
     if not folder or not Path(folder).is_dir():
         return None
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
-        digest.update(f"{file.name}\t{file.stat().st_size}\n".encode())
-    return f"files:{digest.hexdigest()[:16]}"
+    return folder_revision(Path(folder))
+
+
+def source_revision(name: str) -> str | None:
+    """The revision of what `name` loads, known before it loads (so a resume is checked first): a local or
+    the embedded folder's content hash, a hub model's commit as the local hub cache's main ref names it
+    (None before its first download), None for the tiny test models built by code."""
+    if name in TINY_MODELS:
+        return None
+    source = model_source(name)
+    if Path(source).is_dir():
+        return folder_revision(Path(source))
+    from huggingface_hub.constants import HF_HUB_CACHE
+    ref = Path(HF_HUB_CACHE) / f"models--{source.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def has_chat_template(name: str) -> bool | None:
+    """Whether the tokenizer of `name` has a chat template, read before the model loads; None when it cannot
+    be read yet (a hub model not downloaded: load_model will say why)."""
+    if name in TINY_MODELS:
+        return bool(getattr(tiny_tokenizer(add_bos=True), "chat_template", None))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_source(name), local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache, or not loadable: load_model reports it in one line
+        return None
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _load_pretrained(source: str, torch_dtype, attn_implementation: str, device_map, **hub):
@@ -224,13 +321,19 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", attn_implem
                 raise InputError(f"--model {name!r}: {source} is not in the hub cache ({HF_HUB_CACHE}) and the hub "
                                  f"cannot be asked ({why}); run ./download_resources.sh --model {name} where the "
                                  f"hub is reachable") from None
+        except Exception as err:  # noqa: BLE001 - e.g. a damaged file in the hub cache (truncated safetensors)
+            raise InputError(f"--model {name!r}: cannot load {source} ({first_line(err)})") from None
     if loaded is None:
         try:
             loaded = _load_pretrained(source, torch_dtype, attn_implementation, device_map)
         except OSError as err:  # gated or misspelt: say which, in one line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if Path(source).is_dir():
+                raise InputError(f"--model {name!r}: cannot load {source} ({first})") from None
             raise InputError(f"--model {name!r}: cannot load {source} ({first}); offline? run "
                              f"./download_resources.sh --model {name} where the hub is reachable") from None
+        except Exception as err:  # noqa: BLE001 - a truncated or corrupt weight file: one line naming the folder
+            raise InputError(f"--model {name!r}: cannot load {source} ({first_line(err)})") from None
     model, tokenizer = loaded
     if device_map is None:
         model = model.to(torch_device)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from constants import (CACHE_DIR, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P, PARAPHRASE_BATCH_SIZE,
                        PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION, safe_name)
 from dataset import Record
-from decoding import Row, Sampler, StopRule, answer_text, build_row, decode, eos_ids
+from decoding import LanguageModel, Row, Sampler, StopRule, answer_text, build_row, decode, eos_ids
 from results import atomic_write
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,7 @@ def paraphrase_prompt(question: str, pass_index: int) -> str:
 
 @dataclass
 class Paraphraser:
-    model: object
-    tokenizer: object
+    lm: LanguageModel
     model_name: str
     seed: int = 0
     temperature: float = DEFAULT_PARAPHRASE_TEMPERATURE
@@ -42,31 +41,35 @@ class Paraphraser:
 
     @property
     def cache_file(self) -> Path:
-        settings = f"seed{self.seed}-t{self.temperature}-p{self.top_p}-len{self.max_new_tokens}"
+        """One file per model, its revision, dtype and device type, and the sampling settings."""
+        from models import model_revision
+        revision = safe_name(model_revision(self.lm.model) or "built")[:24]
+        weights = f"{revision}-{str(self.lm.model.dtype).removeprefix('torch.')}-{self.lm.device.type}"
+        settings = f"{weights}-seed{self.seed}-t{self.temperature}-p{self.top_p}-len{self.max_new_tokens}"
         return CACHE_DIR / "paraphrases" / safe_name(self.model_name) / f"webqa-upstream-{settings}.jsonl"
 
     def load_cache(self) -> dict[str, list[str]]:
         if not self.cache_file.exists():
             return {}
-        rows = [json.loads(line) for line in self.cache_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in self.cache_file.read_text(encoding="utf-8").split("\n") if line.strip()]
         return {r["question"]: r["paraphrases"] for r in rows}
 
     def save_cache(self, cache: dict[str, list[str]]) -> None:
-        text = "".join(json.dumps({"question": q, "paraphrases": p}) + "\n" for q, p in cache.items())
+        text = "".join(json.dumps({"question": q, "paraphrases": p}, ensure_ascii=True) + "\n" for q, p in cache.items())
         atomic_write(self.cache_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def prompt_row(self, question: str, pass_index: int = 0) -> Row:
         # the whole text tokenised at once, BOS included, as upstream's tokenizer(prompts) call does
-        return build_row(self.tokenizer(paraphrase_prompt(question, pass_index))["input_ids"], [], [])
+        return build_row(self.lm.tokenizer(paraphrase_prompt(question, pass_index))["input_ids"], [], [])
 
     def sample(self, questions: list[str], pass_index: int) -> list[str]:
         """One paraphrase per question: the first line of a sample. The seed restarts with every batch, as
         upstream's set_seed(i) before each batch does."""
         generator = torch.Generator().manual_seed(self.seed + pass_index)
         rows = [self.prompt_row(q, pass_index) for q in questions]
-        stop = StopRule(eos_ids(self.model, self.tokenizer), self.max_new_tokens)
-        outputs, _ = decode(self.model, self.tokenizer, rows, 1, Sampler(generator, self.temperature, self.top_p), stop)
-        return [answer_text(self.tokenizer, tokens)[0] for tokens in outputs]
+        stop = StopRule(eos_ids(self.lm.model, self.lm.tokenizer), self.max_new_tokens)
+        outputs, _ = decode(self.lm, rows, 1, Sampler(generator, self.temperature, self.top_p), stop)
+        return [answer_text(self.lm.tokenizer, tokens)[0] for tokens in outputs]
 
     def __call__(self, records: list[Record], k: int) -> list[Record]:
         """Each record with k generated paraphrases after its original question (paraphrase i from pass i)."""

@@ -6,19 +6,52 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import functools
 import json
 import logging
+import math
+import numbers
 import os
+import platform
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import pandas as pd
 
-from constants import EXIT_BAD_INPUT, InputError
+from constants import EXIT_BAD_INPUT, REPO_DIR, InputError, first_line
 
 log = logging.getLogger(__name__)
+
+
+class WriteError(InputError):
+    """Writing a result file failed (disk full, I/O error, read-only file system, name too long...): one line
+    naming the file and the cause. Nothing half-written is left: an append that fails is cut back to the rows
+    before it, and a table is written atomically (the old one stays)."""
+
+    def __init__(self, path: Path, err: OSError):
+        self.path, self.cause = Path(path), err
+        self.errno = err.errno
+        why = err.strerror or first_line(err)
+        super().__init__(f"cannot write {path}: {why}; what was written before is kept: fix the cause and rerun "
+                         f"the same command")
+
+
+class ResultsError(InputError, RuntimeError):
+    """A table cannot be finished: some question has not exactly its expected rows (e.g. a rank's partial file
+    is on another machine's disk). One line; the partial files stay for a resumed run. A RuntimeError too, as
+    this error was before it had a class of its own."""
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The lines of a file by b"\n" only (never str.splitlines, which also ends a line at U+2028, U+0085, \x0c...);
+    the last piece is returned as it is (it is a torn line when the data does not end with b"\n")."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
 
 
 def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], prompts: list[str], seconds: float,
@@ -32,6 +65,51 @@ def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], 
                 method=method, num_ensemble=num_ensemble, paraphrase_index=paraphrase_index, **extra)
 
 
+@functools.lru_cache(maxsize=1)
+def git_state() -> tuple[str, bool | None]:
+    """(commit, dirty) of this checkout: dirty when a tracked file differs from the commit (untracked files,
+    such as results, do not count). ("unknown", None) without git or outside a git checkout of this project.
+    Reads only: no optional locks, so it never touches the index."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "--no-optional-locks", "-C", str(REPO_DIR), *argv], capture_output=True,
+                                  text=True, timeout=20, env=env)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != REPO_DIR.resolve():
+        return "unknown", None  # no git, or this folder copied into someone else's repository
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit or "unknown", (None if status is None or commit is None else bool(status))
+
+
+def provenance(model_name: str, device_map: str | None, model) -> dict:
+    """Where a table came from, kept in its settings file but never compared on resume: the code (git commit
+    and dirty flag), the library versions, the model (its key, what it loads from, the weights' revision) and
+    where it ran (device and dtype)."""
+    import torch
+    import transformers
+
+    from models import model_revision, model_source
+    commit, dirty = git_state()
+    try:
+        model_id = model_source(model_name, convert=False)
+    except InputError:
+        model_id = model_name  # a tiny test model, built by code
+    device = model.device
+    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "model": model_name,
+            "model_id": model_id, "model_revision": model_revision(model), "device": str(device),
+            "device_map": device_map,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "dtype": str(model.dtype).removeprefix("torch.")}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """The scripts' argparse: a bad flag is reported in one line (naming --help) with exit code 2, like
     every other bad input, instead of the usage block."""
@@ -43,7 +121,7 @@ class OneLineParser(argparse.ArgumentParser):
 def current_umask() -> int:
     """The process umask, read from /proc where Linux has it (os.umask can only read it by setting it)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text().split("\n"):
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError):
@@ -55,26 +133,56 @@ def current_umask() -> int:
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp), then move tmp into place: readers never see half a file. The file gets the mode a
-    plain open() would give it (0666 less the umask: 0644 under 022), not mkstemp's private 0600."""
+    plain open() would give it (0666 less the umask: 0644 under 022), not mkstemp's private 0600. An OSError
+    (disk full, I/O error, read-only file system, name too long) is raised as WriteError naming `path`; the
+    old file, if any, stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if isinstance(err, OSError):
+            raise WriteError(path, err) from None
         raise
+
+
+def existing_ancestor(folder: Path) -> Path:
+    """`folder` itself, or the nearest folder above it that exists (or is a symlink, dangling or looping)."""
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing and not existing.is_symlink():
+        existing = existing.parent
+    return existing
+
+
+def symlink_trouble(path: Path) -> str | None:
+    """"a symlink loop" / "a dangling symlink" when `path` cannot be followed, else None."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symlink loop"
+        if Path(path).is_symlink():
+            return f"a dangling symlink (to {os.readlink(path)})"
+    return None
 
 
 def check_writable_dir(folder: Path, flag: str = "--output-dir") -> None:
     """`folder` is, or can be created as, a folder this process may write into; else InputError. Creates nothing."""
     folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing.parent != existing and not existing.is_symlink():
-        existing = existing.parent
+    existing = existing_ancestor(folder)
+    trouble = symlink_trouble(existing)
+    if trouble:
+        raise InputError(f"{flag} {folder}: {existing} is {trouble}")
     if existing.exists() and not existing.is_dir():
         where = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
         raise InputError(f"{flag} {folder}: {where}, not a folder")
@@ -87,15 +195,79 @@ def check_writable_dir(folder: Path, flag: str = "--output-dir") -> None:
         raise InputError(f"{flag} {folder}: {existing} is {why}")
 
 
+MAX_RANK_DIGITS = 4  # the longest rank number a table's per-rank files are checked for (rank9999)
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system holding `folder` (or its nearest existing ancestor) takes."""
+    try:
+        return int(os.pathconf(existing_ancestor(folder), "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def table_file_names(path: Path, rank: int = 10 ** MAX_RANK_DIGITS - 1) -> list[str]:
+    """Every file name a table at `path` leads to: the table, its .jsonl copy, settings, a rank's lock and partial
+    file, and atomic_write's temp file of each."""
+    path = Path(path)
+    names = [path.name, path.with_suffix(".jsonl").name, path.with_suffix(".settings.json").name,
+             f"{path.stem}.rank{rank}.lock", f"{path.stem}.rank{rank}.partial.jsonl"]
+    return names + [f".{name}.XXXXXXXX.tmp" for name in names]
+
+
+def check_table_path(path: Path) -> None:
+    """Every file a table at `path` needs can be created: no folder or file name past the file system's limit
+    (os.pathconf PC_NAME_MAX, 255 where it cannot be asked; PC_PATH_MAX for the whole path). Raises InputError;
+    writes nothing. Called before anything is written."""
+    path = Path(path)
+    limit = name_max(path.parent)
+    for part in path.parent.parts:
+        if len(os.fsencode(part)) > limit:
+            raise InputError(f"{path.parent}: the folder name {part[:40]!r}... is {len(os.fsencode(part))} bytes, "
+                             f"longer than this file system's limit of {limit}; choose a shorter --output-dir")
+    longest = max(table_file_names(path), key=lambda name: len(os.fsencode(name)))
+    if len(os.fsencode(longest)) > limit:
+        raise InputError(f"{path}: the file name is too long for this file system ({len(os.fsencode(longest))} bytes "
+                         f"for {longest[:40]!r}..., the limit is {limit}); choose fewer or shorter name parts "
+                         f"(e.g. --indexs) or another --output-dir")
+    try:
+        path_max = int(os.pathconf(existing_ancestor(path.parent), "PC_PATH_MAX"))
+    except (OSError, ValueError):
+        path_max = 4096
+    full = len(os.fsencode(str(path.parent.absolute() / longest)))
+    if full >= path_max:
+        raise InputError(f"{path}: the path is too long for this file system ({full} bytes, the limit is "
+                         f"{path_max}); choose a shorter --output-dir")
+
+
+JSON_LINE_ENDS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}  # ends a line for str.splitlines
+
+
+def jsonl_text(df: pd.DataFrame) -> str:
+    """`df` as JSON Lines, non-ASCII kept readable, except the characters other readers end a line at (U+2028,
+    U+2029, U+0085: pandas leaves them raw; they only occur inside strings, where their escape means the same)."""
+    text = df.to_json(orient="records", lines=True, force_ascii=False)
+    for char, escape in JSON_LINE_ENDS.items():
+        text = text.replace(char, escape)
+    return text if text.endswith("\n") or not text else text + "\n"
+
+
 def write_table(df: pd.DataFrame, path: Path) -> None:
-    """`path` (.feather) and a readable copy beside it (.jsonl), each written atomically."""
+    """`path` (.feather) and a readable copy beside it (.jsonl), each written atomically; an OSError is raised as
+    WriteError (the old files stay)."""
     df = df.reset_index(drop=True)
     atomic_write(path, lambda tmp: df.to_feather(tmp))
-    atomic_write(path.with_suffix(".jsonl"), lambda tmp: df.to_json(tmp, orient="records", lines=True, force_ascii=False))
+    text = jsonl_text(df)
+    atomic_write(path.with_suffix(".jsonl"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    df = pd.read_feather(path)
+    """A table written by write_table; a file that is not one (truncated, corrupt, unreadable) is an InputError
+    naming it."""
+    try:
+        df = pd.read_feather(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file means the same to the user
+        raise InputError(f"cannot read {path}: {first_line(err)}; delete it or use another --output-dir") from None
     for col in df.columns:  # feather gives numpy arrays for list columns: give lists back
         if len(df) and hasattr(df[col].iloc[0], "tolist") and not isinstance(df[col].iloc[0], (str, bytes)):
             if getattr(df[col].iloc[0], "ndim", 0) == 1:
@@ -106,16 +278,65 @@ def read_table(path: Path) -> pd.DataFrame:
 UNCOMPARED_SETTINGS = ("provenance", "resumed_with")  # kept beside a table, never a reason to refuse a resume
 
 
+def non_finite(value, key: str = "") -> str | None:
+    """The key (dotted) of the first NaN or infinite number in a settings value, or None."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            found = non_finite(v, f"{key}.{k}" if key else str(k))
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = non_finite(v, f"{key}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+        return key or "value"
+    return None
+
+
+def has_rows(path: Path) -> bool:
+    """Whether the table at `path` exists or any rank's partial file of it holds a complete row (read only up to
+    the first one)."""
+    if Path(path).exists():
+        return True
+    for file in ResultWriter(path).partial_files():
+        try:
+            with open(file, "rb") as f:
+                for line in f:  # a binary file's lines end at b"\n" only
+                    if line.endswith(b"\n") and ResultWriter.parse_line(line[:-1]) is not None:
+                        return True
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise InputError(f"cannot read {file}: {err.strerror or first_line(err)}") from None
+    return False
+
+
 def check_settings(path: Path, settings: dict, write: bool = True) -> None:
     """A table is only resumed with the settings that made it: they are kept beside it. Their "provenance"
     (git commit, versions, model revision, device: see runner.provenance) is kept, not compared: the run
     that created the table keeps "provenance"; a later run that resumes it with another one is added to
-    "resumed_with", so a table made by two versions of the code says so."""
+    "resumed_with", so a table made by two versions of the code says so. Settings beside nothing (no table, no
+    partial row: a run that crashed before its first row) are stale: replaced, never a reason to refuse.
+    A NaN or infinite number in `settings` is an InputError naming its key (nothing is written)."""
+    bad = non_finite(settings)
+    if bad is not None:
+        raise InputError(f"{path}: setting {bad} is not a finite number; give a finite value")
     sidecar = path.with_suffix(".settings.json")
     settings = json.loads(json.dumps(settings, default=str))  # compared as they are kept: JSON values
     provenance = settings.pop("provenance", None)
+    kept = None
     if sidecar.exists():
-        kept = json.loads(sidecar.read_text(encoding="utf-8"))
+        try:
+            kept = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            if has_rows(path):
+                raise InputError(f"cannot read {sidecar} ({first_line(err)}); delete the table and it, or use "
+                                 f"another --output-dir") from None
+        if not isinstance(kept, dict) or not has_rows(path):
+            kept = None  # stale: left by a run that wrote no row
+    if kept is not None:
         compared = {k: v for k, v in kept.items() if k not in UNCOMPARED_SETTINGS}
         changed = sorted(k for k in set(compared) | set(settings) if compared.get(k) != settings.get(k))
         if changed:
@@ -127,7 +348,7 @@ def check_settings(path: Path, settings: dict, write: bool = True) -> None:
             atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     elif write:
         kept = {**settings, **({"provenance": provenance} if provenance is not None else {})}
-        text = json.dumps(kept, indent=1, sort_keys=True, default=str)
+        text = json.dumps(kept, indent=1, sort_keys=True, default=str, allow_nan=False)
         atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
@@ -266,65 +487,203 @@ class TableLock:
         self.release()
 
 
+def row_key(row: Mapping) -> tuple:
+    """What makes a row one of its question's expected rows: (uuid, paraphrase_index[, sample_index]). A row
+    without a sample_index (or with a missing one: NaN in a table) counts as sample None."""
+    def norm(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer()):
+            return int(value)
+        return value
+    return str(row["uuid"]), norm(row.get("paraphrase_index", -1)), norm(row.get("sample_index"))
+
+
+def row_counts(rows: Iterable[Mapping]) -> dict[str, int]:
+    """Per uuid, how many distinct rows (row_key) there are."""
+    counts: dict[str, int] = {}
+    for key in {row_key(r) for r in rows}:
+        counts[key[0]] = counts.get(key[0], 0) + 1
+    return counts
+
+
 class ResultWriter:
-    """Appends finished questions of one rank; `finish` merges every rank's rows into the table."""
+    """Appends finished questions of one rank; `finish` merges every rank's rows into the table.
+
+    Partial files are JSON Lines split by "\n" only, each row written with ensure_ascii (no character inside a
+    row can end its line). A question is done only when it has all its expected rows: see `done_uuids`,
+    `drop_incomplete` and `finish`."""
 
     def __init__(self, path: Path, rank: int = 0):
-        self.path = path
-        self.partial = path.with_name(f"{path.stem}.rank{rank}.partial.jsonl")
+        self.path = Path(path)
+        self.partial = self.path.with_name(f"{self.path.stem}.rank{rank}.partial.jsonl")
 
     def partial_files(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f"{self.path.stem}.rank*.partial.jsonl"))
+        """Every rank's partial file, oldest first (by modification time, then name): when two hold the same row
+        (a run with fewer ranks redid an orphan rank's question), the newer one's copy is the one kept."""
+        def age(file: Path):
+            try:
+                return file.stat().st_mtime_ns, file.name
+            except OSError:
+                return 0, file.name
+        return sorted(self.path.parent.glob(f"{self.path.stem}.rank*.partial.jsonl"), key=age)
+
+    @staticmethod
+    def read_partial(file: Path) -> list[tuple[bytes, dict]]:
+        """(line, row) for each complete row of a partial file, split by b"\n" only; a torn or undecodable line
+        (a run killed mid-write) is skipped: that question is simply redone."""
+        try:
+            data = Path(file).read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise InputError(f"cannot read {file}: {err.strerror or first_line(err)}") from None
+        out = []
+        for line in split_lines(data):
+            row = ResultWriter.parse_line(line)
+            if row is not None:
+                out.append((line, row))
+        return out
+
+    @staticmethod
+    def parse_line(line: bytes) -> dict | None:
+        """A partial file's line as its row, or None when it is not one (torn, undecodable, no uuid)."""
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        return row if isinstance(row, dict) and "uuid" in row else None
+
+    def partial_rows(self) -> list[tuple[Path, list[dict]]]:
+        return [(file, [row for _, row in self.read_partial(file)]) for file in self.partial_files()]
 
     def rows(self) -> list[dict]:
         """Rows written so far: the finished table, then every partial file (a torn last line is skipped)."""
         rows = read_table(self.path).to_dict("records") if self.path.exists() else []
-        for file in self.partial_files():
-            for line in file.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a run killed mid-write; that question is simply redone
+        for _, partial in self.partial_rows():
+            rows.extend(partial)
         return rows
 
-    def done_uuids(self) -> set[str]:
-        return {str(r["uuid"]) for r in self.rows()}
+    def counts(self) -> dict[str, int]:
+        """Per uuid, its distinct rows (one per (uuid, paraphrase_index[, sample_index])) in the table and every
+        partial file."""
+        return row_counts(self.rows())
+
+    def done_uuids(self, expected: Mapping[str, int] | None = None) -> set[str]:
+        """The questions that need no more work: those of `expected` whose distinct rows number exactly
+        expected[uuid]. Without `expected` (the old behaviour): every uuid with any row."""
+        counts = self.counts()
+        if expected is None:
+            return set(counts)
+        return {u for u, n in counts.items() if u in expected and n == expected[u]}
+
+    def incomplete(self, expected: Mapping[str, int], counts: Mapping[str, int] | None = None) -> set[str]:
+        """The questions of `expected` that have some rows but not exactly their expected number."""
+        counts = self.counts() if counts is None else counts
+        return {u for u, n in counts.items() if u in expected and n != expected[u]}
+
+    def drop_incomplete(self, expected: Mapping[str, int]) -> set[str]:
+        """At the start of a (resumed) run: rewrite this rank's partial file, atomically, without the rows of
+        questions that are incomplete (see `incomplete`) and without a torn last line, so that they are redone
+        whole. Other ranks' files are left to their own writers (a row they still hold is outranked by the newer
+        copy, see partial_files). Returns the uuids dropped; writes nothing when there is nothing to drop."""
+        drop = self.incomplete(expected)
+        if not self.partial.exists():
+            return drop
+        lines = self.read_partial(self.partial)
+        keep = [line for line, row in lines if str(row["uuid"]) not in drop]
+        try:
+            torn = self.partial.stat().st_size != sum(len(line) + 1 for line, _ in lines)
+        except OSError as err:
+            raise WriteError(self.partial, err) from None
+        if len(keep) < len(lines) or torn:
+            data = b"".join(line + b"\n" for line in keep)
+            atomic_write(self.partial, lambda tmp: Path(tmp).write_bytes(data))
+        return drop
 
     def append(self, rows: list[dict]) -> None:
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self.drop_torn_tail()
-        with open(self.partial, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
+        """Add rows to this rank's partial file, synced to disk. An OSError (disk full, I/O error, read-only file
+        system) cuts the file back to what it held and is raised as WriteError naming it."""
+        data = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows).encode("ascii")
+        try:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self.drop_torn_tail()
+            fd = os.open(self.partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise WriteError(self.partial, err) from None
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as err:
+                try:
+                    os.ftruncate(fd, size)  # no half row left behind (needs no space)
+                except OSError:
+                    pass  # the next append or drop_incomplete cuts the torn line
+                raise WriteError(self.partial, err) from None
+        finally:
+            os.close(fd)
 
     def drop_torn_tail(self) -> None:
         """A run killed mid-write leaves half a line: cut it, so the next row starts on its own line."""
-        if not self.partial.exists():
+        try:
+            size = self.partial.stat().st_size
+        except FileNotFoundError:
             return
-        data = self.partial.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.partial, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        if not size:
+            return
+        with open(self.partial, "r+b") as f:
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            end, chunk = size, 1 << 16
+            while end > 0:  # look back for the last complete line's end
+                start = max(0, end - chunk)
+                f.seek(start)
+                block = f.read(end - start)
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(start + cut + 1)
+                    return
+                end = start
+            f.truncate(0)
 
-    def finish(self, order: list[str]) -> pd.DataFrame:
-        """Merge all rows (one copy per uuid and paraphrase) in dataset order, score, write, clean up.
-        Rows of questions outside `order` (an earlier run with a larger --limit) are kept, after."""
-        df = pd.DataFrame(self.rows())
-        have = set(df["uuid"]) if len(df) else set()
-        missing = [u for u in order if u not in have]
-        if missing:  # e.g. a rank whose partial file is on another machine's disk
-            raise RuntimeError(f"{self.path}: no rows for {len(missing)} questions (first: {missing[0]}); "
-                               f"the partial files stay for a resumed run")
-        df = df.drop_duplicates(subset=["uuid", "paraphrase_index"], keep="last")
+    def finish(self, order: list[str], expected: Mapping[str, int] | None = None) -> pd.DataFrame:
+        """Merge all rows (one copy per uuid, paraphrase_index and, where rows have one, sample_index) in dataset
+        order, score, write, clean up. Every question of `order` must have exactly expected[uuid] rows (without
+        `expected`, or for a uuid missing from it: at least one), else ResultsError (the partial files stay for a
+        resumed run; this rank's rows of incomplete questions are dropped first, see drop_incomplete). Rows of
+        questions outside `order` (an earlier run with a larger --limit) are kept, after."""
+        rows = self.rows()
+        counts = row_counts(rows)
+        expected = expected or {}
+        missing = [u for u in order if not counts.get(u)]
+        wrong = [u for u in order if counts.get(u) and u in expected and counts[u] != expected[u]]
+        if missing or wrong:  # e.g. a rank whose partial file is on another machine's disk
+            parts = []
+            if missing:
+                parts.append(f"no rows for {len(missing)} questions (first: {missing[0]})")
+            if wrong:
+                parts.append(f"{len(wrong)} questions incomplete (first: {wrong[0]}, {counts[wrong[0]]} of "
+                             f"{expected[wrong[0]]} rows)")
+                self.drop_incomplete(expected)  # their rows are redone whole by the rerun
+            raise ResultsError(f"{self.path}: {'; '.join(parts)}; the partial files stay for a resumed run")
+        df = pd.DataFrame(rows)
+        if "paraphrase_index" not in df.columns:
+            df["paraphrase_index"] = -1
+        keys = ["uuid", "paraphrase_index", *(["sample_index"] if "sample_index" in df.columns else [])]
+        df = df.drop_duplicates(subset=keys, keep="last")
         rank = {u: i for i, u in enumerate(order)}
         df = df.assign(_order=df["uuid"].map(rank).fillna(len(rank)))
-        df = df.sort_values(["_order", "paraphrase_index"], kind="stable").drop(columns="_order")
+        df = df.sort_values(["_order", *keys[2:], "paraphrase_index"], kind="stable").drop(columns="_order")
         import scoring  # spaCy loads only when a table is scored
         df = scoring.score_frame(df.drop(columns=["exact", "partial"], errors="ignore"))
         if set(LEMMA_COLUMNS) & set(df.columns):  # a --lemmaize'd table resumed: lemmas for the new rows too
             df = with_lemmas(df)
         write_table(df, self.path)
         for file in self.partial_files():
-            file.unlink()
+            file.unlink(missing_ok=True)
         return df

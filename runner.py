@@ -1,149 +1,104 @@
-"""What generate.py and flex_attention_generate.py share: the common flags, loading the model and
-data, the loop over batches of questions (sharded across processes, resumable, with a progress bar)
-and writing the result table."""
+"""Running a job, what generate.py and flex_attention_generate.py share below their flags: the job's
+configuration (`RunConfig`), loading the data and the model with every input checked first, and the loop
+over batches of questions (sharded across processes, resumable, with a progress bar) that writes the
+result table. The flags themselves are cli.py's."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import hashlib
 import logging
 import os
-import platform
 import re
-import subprocess
-import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from constants import (DATASETS, DEFAULT_DATASET, DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE,
-                       DEFAULT_MAX_NEW_TOKENS, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P,
-                       DEFAULT_POSITIONS, EMBEDDED_MODEL, EXIT_BAD_INPUT, REPO_DIR, WEBQA_SAMPLE_FILE, InputError,
-                       safe_name)
-from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS, Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
-from decoding import POSITIONS, prefix_cache
-from results import OneLineParser, ResultWriter, TableLock, check_settings, check_writable_dir, lemmaize_table
+from constants import REPO_DIR, WEBQA_SAMPLE_FILE, InputError, safe_name
+from dataset import Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
+from decoding import LanguageModel, PrefixCache
+from results import ResultWriter, TableLock, check_settings, check_table_path, check_writable_dir, provenance
 
 log = logging.getLogger("self_ensemble")
 
 
-class Done(Exception):
-    """The command's work is finished before a model was needed (--lemmaize); main_guard exits with code 0
-    after printing the message."""
+@dataclass(frozen=True)
+class RunConfig:
+    """What a job runs: the data, the model and where it runs, decoding limits, the output, and the
+    command's own flags that change its answers (`method_flags`, kept in the table's settings)."""
+    dataset: str = "webqa_sample"
+    data_file: str | None = None
+    task: str | None = None
+    model: str = "smollm2_135m_it"
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    output_dir: str | None = None
+    seed: int = 0
+    progress: bool = True
+    paraphrase_temperature: float = 1.5
+    paraphrase_top_p: float = 0.9
+    paraphrases: str | None = None
+    prefix_cache: bool = True
+    prompt_format: str = "plain"
+    indexs: str | None = None
+    method_flags: dict = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> list[int] | None:
+        """The paraphrase indices --indexs chose, or None (then the first N paraphrases are used)."""
+        return [int(i) for i in self.indexs.split(",")] if self.indexs else None
+
+    def out_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        model = safe_name(Path(self.model).name if Path(self.model).is_dir() else self.model)
+        return REPO_DIR / "results" / self.dataset / model
+
+    def table_path(self, path: Path) -> Path:
+        """Where the command's table is: `path`, or with --indexs upstream's diversity/<name>-<indexs>.feather
+        (ensemble_avg-0,2,4.feather, flex_attention-0,2,4.feather), the count N in the name replaced by the
+        indices."""
+        chosen = self.chosen
+        if not chosen:
+            return Path(path)
+        path = Path(path)
+        stem = re.sub(rf"-{len(chosen)}(?=-|$)", f"-{self.indexs}", path.stem, count=1)
+        if stem == path.stem:
+            raise RuntimeError(f"{path.name}: no '-{len(chosen)}' to replace by the --indexs")
+        return path.parent / "diversity" / f"{stem}{path.suffix}"
+
+    def data_path(self) -> Path | None:
+        """The local file or folder the data is read from, where there is one (the hub's datasets have none)."""
+        if self.data_file:
+            return Path(self.data_file)
+        if self.dataset == "webqa_sample":
+            return WEBQA_SAMPLE_FILE
+        if self.dataset in ("webqa", "myriadlama"):
+            from dataset import downloaded
+            return downloaded(self.dataset)
+        return None
+
+    def answer_settings(self) -> dict:
+        """The flags a table's rows depend on, as its settings file keeps them: not batch size, progress,
+        where it goes or runs, how many questions or the data file's path."""
+        kept = ("dataset", "task", "model", "max_new_tokens", "seed", "paraphrase_temperature", "paraphrase_top_p",
+                "paraphrases", "prompt_format", "indexs")
+        return {**{k: getattr(self, k) for k in kept}, **self.method_flags}
 
 
-def paraphrase_indexs(text: str) -> str:
-    """--indexs as upstream spells it: comma-separated paraphrase indices, 0 being the original question."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated paraphrase indices such as 0,2,4, got {text!r}")
-    indices = [int(part) for part in parts]
-    if len(set(indices)) != len(indices):
-        raise argparse.ArgumentTypeError(f"{text!r} names a paraphrase twice")
-    return ",".join(map(str, indices))
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run: how many questions are kept for the rerun (exit 130 or 143)."""
 
-
-def chosen_indexs(args) -> list[int] | None:
-    """The paraphrase indices --indexs chose, or None (then the first N paraphrases are used)."""
-    return [int(i) for i in args.indexs.split(",")] if getattr(args, "indexs", None) else None
-
-
-class CommonParser(OneLineParser):
-    """--indexs decides N (upstream: it replaces --num_ensemble): set it, and refuse a different N given with it."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        ns, rest = super().parse_known_args(args, namespace)
-        indexs = chosen_indexs(ns)
-        if indexs:
-            for dest in ("num_ensemble", "num_paraphrases"):
-                if not hasattr(ns, dest):
-                    continue
-                value = getattr(ns, dest)
-                if value is not None and value != self.get_default(dest) and value != len(indexs):
-                    self.error(f"--indexs {ns.indexs} chooses {len(indexs)} paraphrases but --{dest} is {value}; "
-                               f"give one of them")
-                setattr(ns, dest, len(indexs))
-        return ns, rest
-
-
-def common_parser(description: str) -> argparse.ArgumentParser:
-    p = CommonParser(description=description)
-    p.add_argument("--dataset", default=DEFAULT_DATASET, choices=DATASETS)
-    p.add_argument("--data-file", "--data_file", help="local data: JSONL for jsonl/webqa_sample/myriadlama, "
-                   "WebQuestions JSON, or a datasets save_to_disk folder")
-    p.add_argument("--task", choices=["qa", "mask"], help="prompt style for --dataset jsonl (default qa)")
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="a model key, Hugging Face id or local folder")
-    p.add_argument("--limit", "--max-samples", "--max_samples", dest="limit", type=int,
-                   help="answer only the first LIMIT questions (--max_samples: upstream's name)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=8, help="questions per batch")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device-map", "--device_map", help="'auto' spreads one large model over several GPUs")
-    p.add_argument("--output-dir", "--output_dir", help="default results/<dataset>/<model>/")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--paraphrase-temperature", type=float, default=DEFAULT_PARAPHRASE_TEMPERATURE,
-                   help="webqa: sampling temperature of paraphrasing")
-    p.add_argument("--paraphrase-top-p", type=float, default=DEFAULT_PARAPHRASE_TOP_P, help="webqa: top-p of paraphrasing")
-    p.add_argument("--paraphrases", metavar="SET", help="myriadlama: templates per fact: manual, manual+autoK "
-                   "(K auto templates drawn per fact as upstream) or all (default manual+auto5, upstream's)")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="encode the shared prefix in every batch instead of once per run (the reference)")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
-                   help="chat: the tokenizer's chat template writes the prompt (instruction as the system turn, "
-                        "few-shot examples as turns, the question last); plain: Q:/A: text")
-    p.add_argument("--indexs", type=paraphrase_indexs, metavar="I,J,...",
-                   help="upstream's diversity runs: fuse exactly these paraphrases (0 = the original question; N is "
-                        "their count); the table goes to <output-dir>/diversity/<name>-<indexs>.feather")
-    p.add_argument("--lemmaize", action="store_true",
-                   help="generate nothing: add upstream's lemma columns (predict_lemma, answer_lemmas) to the table "
-                        "this command names, rewriting it atomically (a no-op when they are there)")
-    return p
-
-
-def table_path(args, path: Path) -> Path:
-    """Where the command's table is: `path`, or with --indexs upstream's diversity/<name>-<indexs>.feather
-    (ensemble_avg-0,2,4.feather, flex_attention-0,2,4.feather), the count N in the name replaced by the indices."""
-    indexs = chosen_indexs(args)
-    if not indexs:
-        return Path(path)
-    path = Path(path)
-    stem = re.sub(rf"-{len(indexs)}(?=-|$)", f"-{args.indexs}", path.stem, count=1)
-    if stem == path.stem:
-        raise RuntimeError(f"{path.name}: no '-{len(indexs)}' to replace by the --indexs")
-    return path.parent / "diversity" / f"{stem}{path.suffix}"
-
-
-def lemmaize_command(args, table: Path | None) -> None:
-    """--lemmaize: upstream's separate mode. The table the same command without --lemmaize wrote gets the lemma
-    columns; nothing is generated and no model is loaded. Ends with Done (exit code 0)."""
-    if table is None:
-        raise InputError("--lemmaize adds lemma columns to a result table; this command writes none")
-    path = table_path(args, table)
-    if not path.exists():
-        raise InputError(f"--lemmaize: no table {path}; run the same command without --lemmaize first")
-    with TableLock(path):
-        added = lemmaize_table(path)
-    raise Done(f"{path}: lemma columns {'added' if added else 'already there, nothing to do'} "
-               f"(predict_lemma, answer_lemmas)")
-
-
-def select_paraphrases(dataset: Dataset, indexs: list[int]) -> None:
-    """Each question's paraphrases become the chosen ones, in the order given (--indexs)."""
-    dataset.records = [dataclasses.replace(r, paraphrases=[r.paraphrases[i] for i in indexs])
-                       for r in dataset.records]
-
-
-def output_dir(args) -> Path:
-    if args.output_dir:
-        return Path(args.output_dir)
-    model = safe_name(Path(args.model).name if Path(args.model).is_dir() else args.model)
-    return REPO_DIR / "results" / args.dataset / model
+    def __init__(self, kept: int, total: int, code: int):
+        super().__init__(f"{kept} of {total} questions kept; rerun the same command to resume")
+        self.code = code
 
 
 def process_state():
@@ -151,32 +106,6 @@ def process_state():
     a GPU, several processes talk over gloo."""
     from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-def check_flags(args) -> torch.device:
-    """Every flag on its own and together, before anything is read or loaded; returns the device."""
-    from models import check_device_map, check_model_name, resolve_device
-    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples", "num_ensemble", "num_paraphrases"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.paraphrase_temperature <= 0 or not 0 < args.paraphrase_top_p <= 1:
-        raise InputError("--paraphrase-temperature must be > 0 and --paraphrase-top-p in (0, 1]")
-    device = resolve_device(args.device)
-    check_device_map(args.device_map)
-    check_model_name(args.model)
-    return device
-
-
-def data_path(args) -> Path | None:
-    """The local file or folder the data is read from, where there is one (the hub's datasets have none)."""
-    if args.data_file:
-        return Path(args.data_file)
-    if args.dataset == "webqa_sample":
-        return WEBQA_SAMPLE_FILE
-    if args.dataset in ("webqa", "myriadlama"):
-        from dataset import downloaded
-        return downloaded(args.dataset)
-    return None
 
 
 @contextmanager
@@ -197,15 +126,14 @@ def warnings_only_if_it_works():
         root.handle(record)
 
 
-def read_data(args, num_paraphrases: int) -> Dataset:
+def read_data(config: RunConfig, num_paraphrases: int) -> Dataset:
     """The dataset, with a file that cannot be read (not UTF-8, not readable) reported in one line naming it;
     what the loaders warn about is shown only when the data is good."""
-    extra = {"paraphrase_set": args.paraphrases} if getattr(args, "paraphrases", None) is not None else {}
-    where = data_path(args) or args.dataset
+    where = config.data_path() or config.dataset
     try:
         with warnings_only_if_it_works():
-            dataset = load_dataset_by_name(args.dataset, args.data_file, args.task, num_paraphrases, None,
-                                           args.limit, **extra)
+            dataset = load_dataset_by_name(config.dataset, config.data_file, config.task, num_paraphrases, None,
+                                           config.limit, paraphrase_set=config.paraphrases)
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                          f"save it as UTF-8") from None
@@ -218,50 +146,83 @@ def read_data(args, num_paraphrases: int) -> Dataset:
     return dataset
 
 
-def load_job(args, num_paraphrases: int, table: Path | None = None):
-    """(dataset, model, tokenizer). All the user's input is checked before the model loads: the flags, the
-    output folder (writable; `table`, if given, not being written by another process) and the data.
-    WebQA's paraphrases are made by the model, so only they wait for it."""
-    from models import load_model
-    if getattr(args, "lemmaize", False):
-        lemmaize_command(args, table)
-    args.paraphrases = resolve_paraphrase_set(args.dataset, getattr(args, "paraphrases", None))
-    device = check_flags(args)
-    indexs = chosen_indexs(args)
-    if indexs:  # paraphrases 0..max(indexs) are read (or made), then the chosen ones kept
-        num_paraphrases = max(indexs) + 1
-        if table is not None:
-            table = table_path(args, table)
-    state = process_state()
-    if args.device == "auto" and state.num_processes > 1:
-        device = state.device
-    check_writable_dir(output_dir(args))
+def select_paraphrases(dataset: Dataset, indexs: list[int]) -> None:
+    """Each question's paraphrases become the chosen ones, in the order given (--indexs)."""
+    dataset.records = [dataclasses.replace(r, paraphrases=[r.paraphrases[i] for i in indexs])
+                       for r in dataset.records]
+
+
+def open_job(config: RunConfig, num_paraphrases: int, table: Path | None = None) -> tuple[RunConfig, Dataset]:
+    """(config with the resolved template set, dataset), every input checked before any model loads: the
+    output folder (writable; `table`, if given, not being written by another process) and the data. WebQA's
+    paraphrases are made by the model: `bind_model` adds them."""
+    config = dataclasses.replace(config, paraphrases=resolve_paraphrase_set(config.dataset, config.paraphrases))
+    if config.chosen:  # paraphrases 0..max(indexs) are read (or made), then the chosen ones kept
+        num_paraphrases = max(config.chosen) + 1
+    from models import check_cache_dir, has_chat_template
+    check_cache_dir()
+    check_writable_dir(config.out_dir())
     if table is not None:
-        lock = TableLock(table, state.process_index)
+        path = config.table_path(table)
+        check_table_path(path)
+        lock = TableLock(path, process_state().process_index)
         holder = lock.holder()
         if holder is not None:
             raise lock.refusal(holder)
-    model_paraphrases = args.dataset == "webqa" and num_paraphrases > 1
     try:
-        dataset = read_data(args, 1 if model_paraphrases else num_paraphrases)
+        dataset = read_data(config, 1 if model_paraphrases(config, num_paraphrases) else num_paraphrases)
     except InputError as err:
-        raise (InputError(f"--indexs {args.indexs}: {err}") if indexs else err) from None
-    model, tokenizer = load_model(args.model, str(device), args.dtype, device_map=args.device_map)
-    prefix_cache(model).enabled = not getattr(args, "no_prefix_cache", False)
-    if getattr(args, "prompt_format", "plain") == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise InputError(f"--prompt-format chat: the tokenizer of {args.model} has no chat template; "
+        raise (InputError(f"--indexs {config.indexs}: {err}") if config.chosen else err) from None
+    if config.prompt_format == "chat" and has_chat_template(config.model) is False:
+        raise InputError(f"--prompt-format chat: the tokenizer of {config.model} has no chat template; "
+                         f"use --prompt-format plain")
+    if table is not None:  # a resume with other settings is refused before the model loads
+        check_settings(config.table_path(table), output_settings(config), write=False)
+    return config, dataset
+
+
+def model_paraphrases(config: RunConfig, num_paraphrases: int) -> bool:
+    return config.dataset == "webqa" and num_paraphrases > 1
+
+
+def load_lm(config: RunConfig) -> LanguageModel:
+    """The model on the configured device (each process's own GPU under accelerate), with its prefix cache."""
+    from models import load_model, resolve_device
+    device = resolve_device(config.device)
+    state = process_state()
+    if config.device == "auto" and state.num_processes > 1:
+        device = state.device
+    model, tokenizer = load_model(config.model, str(device), config.dtype, device_map=config.device_map)
+    return LanguageModel(model, tokenizer, PrefixCache() if config.prefix_cache else None)
+
+
+def bind_model(config: RunConfig, dataset: Dataset, lm: LanguageModel, num_paraphrases: int) -> None:
+    """What the data (fresh from `open_job`) needs from the model: its chat template (--prompt-format chat),
+    WebQA's paraphrases made by it, then the --indexs choice."""
+    if config.prompt_format == "chat":
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise InputError(f"--prompt-format chat: the tokenizer of {config.model} has no chat template; "
                              f"use --prompt-format plain")
-        dataset.chat = tokenizer
-    if model_paraphrases:  # the questions were read above; the model adds their paraphrases
+        dataset.chat = lm.tokenizer
+    if config.chosen:
+        num_paraphrases = max(config.chosen) + 1
+    if model_paraphrases(config, num_paraphrases):  # the questions were read by open_job; the model adds paraphrases
         from paraphrase import Paraphraser
-        paraphraser = Paraphraser(model, tokenizer, args.model, seed=args.seed,
-                                  temperature=args.paraphrase_temperature, top_p=args.paraphrase_top_p)
+        paraphraser = Paraphraser(lm, config.model, seed=config.seed, temperature=config.paraphrase_temperature,
+                                  top_p=config.paraphrase_top_p)
         dataset.records = paraphraser(dataset.records, num_paraphrases - 1)
         dataset.check_paraphrases(num_paraphrases)
-    if indexs:
-        select_paraphrases(dataset, indexs)
-    return dataset, model, tokenizer
+    if config.chosen:
+        select_paraphrases(dataset, config.chosen)
+
+
+def load_job(config: RunConfig, num_paraphrases: int, table: Path | None = None
+             ) -> tuple[RunConfig, Dataset, LanguageModel]:
+    """`open_job`, then the model, then `bind_model`: (config, dataset, loaded model)."""
+    config, dataset = open_job(config, num_paraphrases, table)
+    lm = load_lm(config)
+    bind_model(config, dataset, lm, num_paraphrases)
+    return config, dataset, lm
 
 
 def check_prompts(model, dataset: Dataset, rows_of: Callable[[Record], list], max_new_tokens: int) -> None:
@@ -284,98 +245,44 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(args) -> str:
+def data_fingerprint(config: RunConfig) -> str:
     """The data's content hash (an edited data file makes another table), or the hub id it came from."""
-    path = data_path(args)
+    path = config.data_path()
     if path is not None and path.exists():
         return f"sha256:{file_sha256(path)}"
-    return f"hub:{args.dataset}"
+    return f"hub:{config.dataset}"
 
 
-@functools.lru_cache(maxsize=1)
-def git_state() -> tuple[str, bool | None]:
-    """(commit, dirty) of this checkout: dirty when a tracked file differs from the commit (untracked files,
-    such as results, do not count). ("unknown", None) without git or outside a git checkout of this project.
-    Reads only: no optional locks, so it never touches the index."""
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
-
-    def git(*argv: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "--no-optional-locks", "-C", str(REPO_DIR), *argv], capture_output=True,
-                                  text=True, timeout=20, env=env)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    top = git("rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != REPO_DIR.resolve():
-        return "unknown", None  # no git, or this folder copied into someone else's repository
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return commit or "unknown", (None if status is None or commit is None else bool(status))
-
-
-def provenance(args, model=None) -> dict:
-    """Where a table came from, kept in its settings file but never compared on resume: the code (git commit
-    and dirty flag), the library versions, the model (its key, what it loads from, the weights' revision) and
-    where it ran (device and dtype)."""
-    import transformers
-
-    from models import model_revision, model_source, resolve_device, resolve_dtype
-    commit, dirty = git_state()
-    try:
-        model_id = model_source(args.model, convert=False)
-    except InputError:
-        model_id = args.model  # a tiny test model, built by code
-    if model is not None:
-        device, dtype = model.device, model.dtype
-    else:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "model": args.model,
-            "model_id": model_id, "model_revision": model_revision(model) if model is not None else None,
-            "device": str(device), "device_map": args.device_map,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "dtype": str(dtype).removeprefix("torch.")}
-
-
-def output_settings(args, model=None, settings: dict | None = None) -> dict:
-    """What a table's rows depend on, kept beside it and compared on resume: the flags that change answers
-    (not batch size, progress, where it goes, how many questions or the data file's path), the data's
-    content hash, the resolved dtype and device type, the model's revision where known, and the
-    attention backend and compile mode (`settings`, as the script resolved them; else its flags).
-    Its "provenance" entry (see `provenance`) is kept too but not compared (results.check_settings)."""
-    from models import model_revision, resolve_device, resolve_dtype
-    ignored = {"batch_size", "no_progress", "output_dir", "device", "device_map", "limit", "data_file", "dtype",
-               "no_prefix_cache", "lemmaize"}
-    out = {k: v for k, v in vars(args).items() if k not in ignored}
-    out["data"] = data_fingerprint(args)
-    if model is not None:
-        out.update(dtype=str(model.dtype).removeprefix("torch."), device=model.device.type,
-                   model_revision=model_revision(model))
-    else:
-        device = resolve_device(args.device)
-        out.update(dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."), device=device.type)
-    out.update(settings or {})
-    out["provenance"] = provenance(args, model)
+def output_settings(config: RunConfig) -> dict:
+    """What a table's rows depend on, kept beside it and compared on resume, known before the model loads: the
+    flags that change answers (RunConfig.answer_settings, the resolved attention backend and compile mode
+    among them), the data's content hash, the resolved dtype and device type and the model's revision
+    (models.source_revision). The table's "provenance" is kept beside them, never compared (results.provenance)."""
+    from models import resolve_device, resolve_dtype, source_revision
+    device = resolve_device(config.device)
+    out = config.answer_settings()
+    out.update(data=data_fingerprint(config), dtype=str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
+               device=device.type, model_revision=source_revision(config.model))
     return dict(sorted(out.items()))
 
 
-def run_job(args, dataset: Dataset, path: Path, answer_batch: Callable[[list[Record]], list[dict]], *,
-            model=None, settings: dict | None = None):
-    """Answer every question not already in `path`, `args.batch_size` at a time, on this process's
+def run_job(config: RunConfig, dataset: Dataset, path: Path, answer_batch: Callable[[list[Record]], list[dict]], *,
+            model, rows_per_question: Callable[[Record], int] = lambda record: 1):
+    """Answer every question not already in `path`, `config.batch_size` at a time, on this process's
     shard; rank 0 merges all shards into the final table. Returns the table (rank 0) or None.
-    `model` (the loaded one) and `settings` (e.g. {"attn": "flex", "compile": True}) complete the
-    settings the table is kept with (see `output_settings`). The table is locked while this runs.
-    With --indexs the table goes where `table_path` says (upstream's diversity/ folder)."""
+    A question is finished when its `rows_per_question` rows are all written: an interrupted question is
+    redone. The loaded `model` is recorded in the table's provenance. The table is locked while this runs.
+    With --indexs the table goes where `RunConfig.table_path` says (upstream's diversity/ folder)."""
     state = process_state()
-    torch.manual_seed(args.seed)
-    path = table_path(args, path)
+    torch.manual_seed(config.seed)
+    path = config.table_path(path)
     with TableLock(path, state.process_index):
-        check_settings(path, output_settings(args, model, settings), write=state.is_main_process)
+        check_settings(path, {**output_settings(config), "provenance": provenance(config.model, config.device_map, model)},
+                       write=state.is_main_process)
         writer = ResultWriter(path, state.process_index)
-        done = writer.done_uuids()
+        expected = {r.uuid: rows_per_question(r) for r in dataset.records}
+        writer.drop_incomplete(expected)
+        done = writer.done_uuids(expected)
         shard = dataset.records[state.process_index::state.num_processes]
         todo = [r for r in shard if r.uuid not in done]
         if state.num_processes > 1:
@@ -383,48 +290,97 @@ def run_job(args, dataset: Dataset, path: Path, answer_batch: Callable[[list[Rec
                         len(shard))
         if len(todo) < len(shard):
             log.warning("%s: resuming, %d of %d questions already done", path.name, len(shard) - len(todo), len(shard))
-        with tqdm(total=len(shard), initial=len(shard) - len(todo), desc=path.stem, unit="q",
-                  disable=args.no_progress or not state.is_local_main_process) as bar:
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start:start + args.batch_size]
-                writer.append(answer_batch(batch))
-                bar.update(len(batch))
+        kept = len(shard) - len(todo)
+        try:
+            with tqdm(total=len(shard), initial=kept, desc=path.stem, unit="q",
+                      disable=not config.progress or not state.is_local_main_process) as bar:
+                for start in range(0, len(todo), config.batch_size):
+                    batch = todo[start:start + config.batch_size]
+                    writer.append(answer_batch(batch))
+                    kept += len(batch)
+                    bar.update(len(batch))
+        except KeyboardInterrupt as err:
+            code = 143 if type(err).__name__ == "Terminated" else 130
+            raise Interrupted(kept, len(shard), code) from None
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
-        df = writer.finish([r.uuid for r in dataset.records])
+        df = writer.finish([r.uuid for r in dataset.records], expected)
     print(f"{path.stem}: {len(df)} rows, exact {df['exact'].mean():.3f}, partial {df['partial'].mean():.3f} -> {path}")
     return df
 
 
-def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Bad input ends the program with one line on stderr and exit code 2."""
-    def guarded(argv: list[str] | None = None) -> int:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        try:
-            return main(argv)
-        except Done as done:
-            print(done)
-            return 0
-        except InputError as err:
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-    return guarded
 
 
-def add_fusion_flags(p: argparse.ArgumentParser) -> None:
-    """The attention-level flags shared by flex_attention_generate.py and debug_flexattention.py."""
-    p.add_argument("--num-paraphrases", "--num_paraphrases", type=int, default=5, help="paraphrases per question (N)")
-    p.add_argument("--positions", choices=[*POSITIONS, "aligned"], default=DEFAULT_POSITIONS,
-                   help="left (alias aligned): every paraphrase starts after the prefix; right: every paraphrase "
-                        "ends before the answer cue; continuous: 0..L-1 (upstream)")
-    p.add_argument("--attn", choices=["auto", "flex", "sdpa"], default="auto",
-                   help="flex: FlexAttention BlockMask; sdpa: the same mask dense (reference backend); auto: flex "
-                        "on CUDA, sdpa on CPU")
-    p.add_argument("--fusion-bias", choices=["none", "uniform", "confidence"], default=DEFAULT_FUSION_BIAS,
-                   help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight)")
-    p.add_argument("--fusion-temperature", type=float, default=DEFAULT_FUSION_TEMPERATURE,
-                   help="the answer's scores on paraphrase keys divided by T (APE); 1: off")
-    p.add_argument("--fewshot-format", choices=FEWSHOT_FORMATS, default=DEFAULT_FEWSHOT_FORMAT,
-                   help="single: each few-shot example as one question; fused: as its N isolated paraphrases, "
-                        "then its answer (the same shape as the question)")
+# ---------------------------------------------------------------- the two kinds of job
+
+def logit_table_name(method: str, n: int) -> str:
+    return f"{method}.feather" if method in ("per_prompt", "origin") else f"ensemble_{method}-{n}.feather"
+
+
+def logit_count(method: str, num: int | None) -> int | None:
+    """N of a logit-level method: origin 1; per_prompt with no N every paraphrase (None); else N or 5."""
+    from constants import DEFAULT_NUM_PARAPHRASES
+    if method == "origin":
+        return 1
+    return None if method == "per_prompt" and num is None else num or DEFAULT_NUM_PARAPHRASES
+
+
+def logit_flags(method: str, num: int | None, confidence_samples: int) -> dict:
+    """generate.py's flags that change its answers, as its tables' settings keep them."""
+    return dict(method=method, num_ensemble=num, confidence_samples=confidence_samples)
+
+
+def fusion_flags(settings, n: int, confidence_samples: int) -> dict:
+    """flex_attention_generate.py's flags that change its answers, as its tables' settings keep them (the
+    resolved backend and compile mode are added from FusionSettings.table_settings)."""
+    return dict(num_paraphrases=n, positions=settings.positions, fusion_bias=settings.bias,
+                fusion_temperature=settings.temperature, fewshot_format=settings.fewshot,
+                confidence_samples=confidence_samples, **settings.table_settings())
+
+
+def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: str, num: int | None):
+    """One logit-level method's table (per_prompt, origin, avg, avg_prob, max, weighted_avg, weighted_max)."""
+    from confidence import confidences
+    from decoding import StopRule, eos_ids, single_rows
+    from methods import answer_ensemble, answer_per_prompt
+    n = logit_count(method, num)
+    table = config.out_dir() / logit_table_name(method, n or 1)
+    stop = StopRule(eos_ids(lm.model, lm.tokenizer), config.max_new_tokens)
+
+    def count(record: Record) -> int:
+        return n or len(record.paraphrases)
+    check_prompts(lm.model, dataset, lambda r: single_rows(lm.tokenizer, dataset.prompt_parts(r, count(r)),
+                                                           list(range(count(r)))), config.max_new_tokens)
+
+    def answer_batch(batch: list[Record]) -> list[dict]:
+        if method in ("per_prompt", "origin"):
+            return answer_per_prompt(lm, dataset, batch, n, stop, method)[0]
+        if not method.startswith("weighted"):
+            return answer_ensemble(lm, dataset, batch, n, stop, method)[0]
+        conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop, config.out_dir(),
+                           config.seed, model_name=config.model)
+        return conf.annotate(answer_ensemble(lm, dataset, batch, n, stop, method, conf.values)[0])
+    per_question = count if method == "per_prompt" else (lambda record: 1)
+    return run_job(config, dataset, table, answer_batch, model=lm.model, rows_per_question=per_question)
+
+
+def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings, n: int):
+    """One attention-level variant's table: `settings` (fusion.FusionSettings) over N paraphrases."""
+    from confidence import confidences, normalised_weights
+    from decoding import StopRule, eos_ids, fused_row
+    from methods import answer_fused
+    table = config.out_dir() / settings.table_name(n)
+    stop = StopRule(eos_ids(lm.model, lm.tokenizer), config.max_new_tokens)
+    check_prompts(lm.model, dataset, lambda r: [fused_row(lm.tokenizer, dataset.prompt_parts(r, n, settings.fewshot),
+                                                          settings.positions)], config.max_new_tokens)
+
+    def answer_batch(batch: list[Record]) -> list[dict]:
+        weights, conf = None, None
+        if settings.bias == "confidence":  # plain prompts: decoded under sdpa by their own PaddingMask
+            conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop,
+                               config.out_dir(), config.seed, model_name=config.model)
+            weights = {u: normalised_weights(c) for u, c in conf.values.items()}
+        rows = answer_fused(lm, dataset, batch, n, stop, settings, weights)[0]
+        return conf.annotate(rows) if conf else rows
+    return run_job(config, dataset, table, answer_batch, model=lm.model)

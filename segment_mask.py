@@ -30,10 +30,13 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fusion import FusionSettings
 
 PAD_SEGMENT = -1         # padding: attends to itself only, seen by nobody
 PREFIX_SEGMENT = 0       # instruction and few-shot examples: seen by every token after it
@@ -265,14 +268,16 @@ def attention_implementation(model, name: str) -> Iterator[None]:
 # ---------------------------------------------------------------- the renderer the decode loop uses
 
 class SegmentMask:
-    """The MaskRenderer of attention-level fusion, flex or sdpa (dense). The whole decode's mask (prompt
-    plus max_new_tokens) is rendered once per batch; each decode step takes its query row from it.
-    biases [B, N]: each paraphrase's score bias for the queries that read it (the answer), example_bias the
-    same for few-shot examples' paraphrases; temperature: those scores divided by T."""
+    """The MaskRenderer of attention-level fusion, for `settings.backend` flex or sdpa (dense). The whole
+    decode's mask (prompt plus max_new_tokens) is rendered once per batch; each decode step takes its query
+    row from it. biases [B, N]: each paraphrase's score bias for the queries that read it (the answer), or
+    None (no bias); few-shot examples' paraphrases get -log N whenever there is a bias; scores on paraphrase
+    keys are divided by settings.temperature. `compile_backend` other than inductor is for tests that
+    count compiles."""
 
-    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, backend: str = "sdpa",
-                 biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 temperature: float = 1.0, compile_backend="inductor", example_bias: float = 0.0):
+    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, settings: "FusionSettings",
+                 biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 compile_backend: str | Callable = "inductor"):
         rows, self.length = segment_ids.shape
         self.total = self.length + max_new_tokens
         # generated tokens are fused; then padding up to a whole block past the end, because
@@ -280,13 +285,14 @@ class SegmentMask:
         width = -(-(self.total + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
         self.segment_ids = torch.cat([segment_ids, segment_ids.new_full((rows, max_new_tokens), FUSED_SEGMENT),
                                       segment_ids.new_full((rows, width - self.total), PAD_SEGMENT)], dim=1)
+        example_bias = -math.log(biases.shape[1]) if biases is not None else 0.0
         self.key_bias = self.token_bias(biases, example_bias) if biases is not None else None
         self.key_scale = None
-        if temperature != 1.0:
-            self.key_scale = torch.where(paraphrase_tokens(self.segment_ids), 1.0 / temperature, 1.0)
+        if settings.temperature != 1.0:
+            self.key_scale = torch.where(paraphrase_tokens(self.segment_ids), 1.0 / settings.temperature, 1.0)
             self.key_bias = self.key_bias if self.key_bias is not None else torch.zeros_like(self.key_scale)
-        self.backend, self.dtype = backend, dtype
-        self.flex_fn = flex_function(compile, compile_backend) if backend == "flex" else None
+        self.backend, self.dtype = settings.backend, dtype
+        self.flex_fn = flex_function(settings.compile, compile_backend) if self.backend == "flex" else None
         self.full: dict | None = None  # the whole decode's mask, rendered at the first step
 
     def token_bias(self, biases: torch.Tensor, example_bias: float) -> torch.Tensor:
@@ -379,22 +385,39 @@ def segment_char(segment_id: int) -> str:
     return PARAPHRASE_CHARS[local - 1] if local <= len(PARAPHRASE_CHARS) else "+"
 
 
-def draw_mask(segment_ids: list[int], max_columns: int = 80) -> str:
+def draw_mask(segment_ids: list[int], max_columns: int = 80, fold_prefix: bool = False) -> str:
     """The mask as characters: a cell shows the segment of the key it may attend to, '.' none.
-    Longer rows are downsampled: one cell covers step x step tokens and shows its first visible key."""
-    allowed = allowed_matrix(segment_ids)
-    length = len(segment_ids)
-    step = max(1, math.ceil(length / max_columns))
-    cells = math.ceil(length / step)
-    grid = np.zeros((cells * step, cells * step), dtype=bool)
-    grid[:length, :length] = allowed.numpy()
-    blocks = grid.reshape(cells, step, cells, step).any(axis=1)  # [row cell, column cell, key in cell]
+    Longer rows are downsampled: one cell covers step x step tokens and shows its first visible key.
+    fold_prefix: the prefix's keys drawn as one column and its own (plain causal) rows left out, so a long
+    instruction and few-shot prefix does not push the paraphrases off the screen."""
+    allowed = allowed_matrix(segment_ids).numpy()
+    chars = [segment_char(s) for s in segment_ids]
+    prefix = [i for i, s in enumerate(segment_ids) if s == PREFIX_SEGMENT]
+    if fold_prefix and len(prefix) > 1:
+        rest = [i for i, s in enumerate(segment_ids) if s != PREFIX_SEGMENT]
+        columns = np.concatenate([allowed[:, prefix].any(axis=1, keepdims=True), allowed[:, rest]], axis=1)
+        allowed, chars = columns[rest], [chars[prefix[0]]] + [chars[i] for i in rest]
+        row_chars = [chars[i + 1] for i in range(len(rest))]
+        header = f"  (prefix: {len(prefix)} tokens folded into the first column; its rows, plain causal, left out)"
+        return header + "\n" + draw_grid(allowed, row_chars, chars, max_columns)
+    return draw_grid(allowed, chars, chars, max_columns)
+
+
+def draw_grid(allowed: np.ndarray, row_chars: list[str], key_chars: list[str], max_columns: int) -> str:
+    """allowed [rows, keys] as characters, downsampled to at most max_columns cells a side."""
+    rows, keys = allowed.shape
+    step = max(1, math.ceil(max(rows, keys) / max_columns))
+    row_cells, key_cells = math.ceil(rows / step), math.ceil(keys / step)
+    grid = np.zeros((row_cells * step, key_cells * step), dtype=bool)
+    grid[:rows, :keys] = allowed
+    blocks = grid.reshape(row_cells, step, key_cells, step).any(axis=1)  # [row cell, column cell, key in cell]
     first_key = blocks.argmax(axis=2)
-    key_chars = [segment_char(s) for s in segment_ids] + [" "] * (cells * step - length)
-    lines = ["  " + "".join(key_chars[c * step] for c in range(cells))]
-    for r in range(cells):
-        row = "".join(key_chars[c * step + first_key[r, c]] if blocks[r, c].any() else "." for c in range(cells))
-        lines.append(f"{key_chars[r * step]} {row}")
+    keys_padded = key_chars + [" "] * (key_cells * step - keys)
+    rows_padded = row_chars + [" "] * (row_cells * step - rows)
+    lines = ["  " + "".join(keys_padded[c * step] for c in range(key_cells))]
+    for r in range(row_cells):
+        row = "".join(keys_padded[c * step + first_key[r, c]] if blocks[r, c].any() else "." for c in range(key_cells))
+        lines.append(f"{rows_padded[r * step]} {row}")
     return "\n".join(lines)
 
 

@@ -331,7 +331,7 @@ def environment() -> list[tuple[str, str]]:
     import torch
     import transformers
     try:
-        from runner import git_state
+        from results import git_state
         commit, dirty = git_state()
         code = f"{commit}{' (dirty)' if dirty else ''}" if commit != "unknown" else "unknown (no git checkout)"
     except Exception as err:  # noqa: BLE001 - the environment report must not fail

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import FEW_SHOT, QUESTIONS, cached_tiny, generate_reference
 from dataset import Dataset, Record
-from decoding import StopRule, fused_row, single_rows
+from decoding import LanguageModel, StopRule, fused_row, single_rows
+from fusion import FusionSettings
 from inspect_fusion import isolation_diffs
 from methods import answer_fused
 
@@ -55,18 +56,18 @@ def test_chat_one_paraphrase_is_greedy_and_paraphrases_are_isolated(family):
     model, tokenizer = chat_model(family)
     ds = chat_dataset(tokenizer)
     record = ds.records[1]
-    out = answer_fused(model, tokenizer, ds, [record], 1, NO_STOP)[0][0]
+    out = answer_fused(LanguageModel(model, tokenizer), ds, [record], 1, NO_STOP)[0][0]
     plain = single_rows(tokenizer, ds.prompt_parts(record, 1), [0])[0]
     assert out["token_ids"] == generate_reference(model, tokenizer, plain.input_ids, 5)
-    diffs = isolation_diffs(model, fused_row(tokenizer, ds.prompt_parts(record, 3)), "sdpa")
+    diffs = isolation_diffs(model, fused_row(tokenizer, ds.prompt_parts(record, 3)), FusionSettings())
     assert len(diffs) == 4 and max(d.rel for layers in diffs.values() for d in layers) <= 1e-5
 
 
 def test_chat_identical_copies_equal_the_single_prompt():
     model, tokenizer = chat_model("qwen2")
     ds = chat_dataset(tokenizer, [Record("c", ["who painted the mona lisa?"] * 3, ["Leonardo"])])
-    alone = answer_fused(model, tokenizer, ds, ds.records, 1, NO_STOP)[0][0]
-    fused = answer_fused(model, tokenizer, ds, ds.records, 3, NO_STOP, fusion_bias="uniform")[0][0]
+    alone = answer_fused(LanguageModel(model, tokenizer), ds, ds.records, 1, NO_STOP)[0][0]
+    fused = answer_fused(LanguageModel(model, tokenizer), ds, ds.records, 3, NO_STOP, FusionSettings(bias="uniform"))[0][0]
     assert fused["token_ids"] == alone["token_ids"]
 
 

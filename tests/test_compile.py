@@ -3,12 +3,15 @@ dynamo backend that needs no C++ toolchain, over batches of different sizes and 
 stops. Past torch's recompile limit (8) flex would silently run unfused, so the count is the contract."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch._dynamo.testing import CompileCounter
 
 from conftest import FEW_SHOT, cached_tiny
 from dataset import Dataset, Record
-from decoding import StopRule, decode, fused_row, greedy
+from decoding import LanguageModel, StopRule, decode, fused_row, greedy
+from fusion import FusionSettings
 from segment_mask import SegmentMask
 
 
@@ -25,8 +28,9 @@ def run(model, tokenizer, records: list[Record], sizes: list[int], backend: str,
     for size in sizes:
         batch, records = records[:size], records[size:]
         rows = [fused_row(tokenizer, ds.prompt_parts(r, 3)) for r in batch]
-        kwargs = dict(backend=backend, compile=counter is not None, compile_backend=counter)
-        outputs += decode(model, tokenizer, rows, 1, greedy, stop, SegmentMask, kwargs)[0]
+        settings = FusionSettings(backend=backend, compile=counter is not None)
+        renderer = partial(SegmentMask, settings=settings, compile_backend=counter)
+        outputs += decode(LanguageModel(model, tokenizer), rows, 1, greedy, stop, renderer)[0]
     return outputs
 
 

@@ -5,13 +5,13 @@ import pytest
 
 import confidence
 from confidence import confidences
-from decoding import StopRule, eos_ids
+from decoding import LanguageModel, StopRule, eos_ids
 
 
 def compute(llama, dataset, folder, records=None, n=2, k=3, max_new_tokens=3, **kw):
     model, tokenizer = llama
     kw = {"model_name": "tiny-llama", **kw}
-    return confidences(model, tokenizer, dataset, records or dataset.records, n, k,
+    return confidences(LanguageModel(model, tokenizer), dataset, records or dataset.records, n, k,
                        StopRule(eos_ids(model, tokenizer), max_new_tokens), folder, kw.pop("seed", 0), **kw)
 
 
@@ -21,9 +21,9 @@ def count_computed(monkeypatch):
     computed = []
     agreement = confidence.agreement
 
-    def counting(model, tokenizer, rows, keys, settings, stop):
+    def counting(lm, rows, keys, settings, stop):
         computed.extend(keys)
-        return agreement(model, tokenizer, rows, keys, settings, stop)
+        return agreement(lm, rows, keys, settings, stop)
     monkeypatch.setattr(confidence, "agreement", counting)
     return computed
 
@@ -49,6 +49,19 @@ def test_a_changed_setting_recomputes(llama, small_dataset, tmp_path, count_comp
     assert len(count_computed) == 2
     compute(llama, small_dataset, tmp_path, records=small_dataset.records[:1], **change)
     assert len(count_computed) == 4
+
+
+def test_another_dtype_recomputes(llama, small_dataset, tmp_path, count_computed):
+    """bfloat16 weights give other confidences than float32 ones: the cache keeps them apart."""
+    import copy
+
+    import torch
+    compute(llama, small_dataset, tmp_path, records=small_dataset.records[:1])
+    model, tokenizer = llama
+    compute((copy.deepcopy(model).to(torch.bfloat16), tokenizer), small_dataset, tmp_path,
+            records=small_dataset.records[:1])
+    assert len(count_computed) == 4
+    assert len(list((tmp_path / "confidence-cache").glob("*.feather"))) == 2
 
 
 def test_the_key_is_the_prompt_not_the_uuid(llama, small_dataset, tmp_path, count_computed):
@@ -78,7 +91,7 @@ def test_agreement_is_upstreams(llama, small_dataset, tmp_path, monkeypatch, gre
     model, tokenizer = llama
     k = len(samples)
 
-    def fake_decode(model, tokenizer, rows, n, choose, stop):
+    def fake_decode(lm, rows, n, choose, stop):
         texts = [greedy or "\n"] * len(rows) if choose is confidence.greedy else samples * (len(rows) // k)
         return [tokenizer(t or "\n", add_special_tokens=False)["input_ids"] for t in texts], None
     monkeypatch.setattr(confidence, "decode", fake_decode)

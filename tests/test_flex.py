@@ -10,7 +10,10 @@ from transformers import DynamicCache
 
 from conftest import FEW_SHOT, QUESTIONS, cached_tiny, generate_reference
 from dataset import Dataset, Record
-from decoding import StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left, prefill
+from functools import partial
+
+from decoding import LanguageModel, StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left, prefill
+from fusion import FusionSettings
 from methods import answer_fused as answer_fused_with_stats
 from segment_mask import FLEX_ATTENTION, FUSED_SEGMENT, SegmentMask, build_dense_mask, segment_mask_mod
 
@@ -21,14 +24,16 @@ def no_stop() -> StopRule:
     return StopRule(set(), MAX_NEW, first_line_only=False)
 
 
-def answer_fused(*args, **kwargs) -> list[dict]:
-    return answer_fused_with_stats(*args, **kwargs)[0]
+def answer_fused(model, tokenizer, dataset, batch, n, stop, weights=None, **settings) -> list[dict]:
+    """methods.answer_fused's rows, with the FusionSettings given as keywords."""
+    return answer_fused_with_stats(LanguageModel(model, tokenizer), dataset, batch, n, stop, FusionSettings(**settings),
+                                   weights)[0]
 
 
 def fused_prefill(model, rows, backend="sdpa", biases=None, temperature=1.0):
     """Run the fused layout once; return (cache, all logits, padded ids)."""
     ids, pos, seg = pad_left(rows, 0, model.device)
-    mask = SegmentMask(seg, MAX_NEW, backend, biases, temperature=temperature)
+    mask = SegmentMask(seg, MAX_NEW, FusionSettings(backend=backend, temperature=temperature), biases)
     with mask.attention(model):
         logits, cache = prefill(model, ids, pos, mask.prefill(), logits_to_keep=0)
     return cache, logits, ids
@@ -81,7 +86,7 @@ def test_flex_and_sdpa_agree(small_dataset, bias, positions, temperature):
         rows = [fused_row(tokenizer, small_dataset.prompt_parts(r, 3), positions) for r in small_dataset.records]
         biases = torch.full((3, 3), -math.log(3)) if bias == "uniform" else None
         _, dense_logits, _ = fused_prefill(model, rows, "sdpa", biases, temperature)
-        kwargs = dict(positions=positions, fusion_bias=bias, temperature=temperature)
+        kwargs = dict(positions=positions, bias=bias, temperature=temperature)
         sdpa_out = answer_fused(model, tokenizer, small_dataset, small_dataset.records, 3, no_stop(),
                                 backend="sdpa", **kwargs)
         _, flex_logits, _ = fused_prefill(model, rows, "flex", biases, temperature)
@@ -99,15 +104,16 @@ def test_cached_decoding_equals_full_recompute(tiny, small_dataset, positions, t
     record = small_dataset.records[1]
     row = fused_row(tokenizer, small_dataset.prompt_parts(record, 3), positions)
     biases = torch.full((1, 3), -math.log(3))
-    cached, _ = decode(model, tokenizer, [row], 1, greedy, no_stop(), SegmentMask,
-                       {"backend": "sdpa", "biases": biases, "temperature": temperature})
+    settings = FusionSettings(temperature=temperature)
+    cached, _ = decode(LanguageModel(model, tokenizer), [row], 1, greedy, no_stop(),
+                       partial(SegmentMask, settings=settings, biases=biases))
     generated: list[int] = []
     next_pos = max(row.position_ids) + 1
     for _ in range(MAX_NEW):
         ids = torch.tensor([row.input_ids + generated])
         pos = torch.tensor([row.position_ids + list(range(next_pos, next_pos + len(generated)))])
         seg = torch.tensor([row.segment_ids + [FUSED_SEGMENT] * len(generated)])
-        mask = SegmentMask(seg, 0, "sdpa", biases, temperature=temperature)
+        mask = SegmentMask(seg, 0, settings, biases)
         with torch.inference_mode(), mask.attention(model):
             logits = model(input_ids=ids, position_ids=pos, **mask.prefill()).logits[0, -1]
         generated.append(logits.argmax().item())
@@ -130,7 +136,7 @@ def test_identical_copies_equal_the_single_prompt(tiny, positions):
     assert (biased[0, -1] - alone[0, -1]).abs().max() <= 1e-4
     assert (unbiased[0, -1] - alone[0, -1]).abs().max() > 1e-3
     out = answer_fused(model, tokenizer, copies, copies.records, 4, no_stop(), positions=positions,
-                       fusion_bias="uniform")[0]
+                       bias="uniform")[0]
     assert out["token_ids"] == generate_reference(model, tokenizer, single_row.input_ids, MAX_NEW)
 
 
@@ -138,7 +144,7 @@ def test_batch_composition_changes_nothing(tiny, small_dataset):
     model, tokenizer = tiny
     records = small_dataset.records
     for bias, positions in (("none", "left"), ("uniform", "right")):
-        kwargs = dict(fusion_bias=bias, positions=positions)
+        kwargs = dict(bias=bias, positions=positions)
         together = answer_fused(model, tokenizer, small_dataset, records, 3, no_stop(), **kwargs)
         alone = [answer_fused(model, tokenizer, small_dataset, [r], 3, no_stop(), **kwargs)[0] for r in records]
         assert [r["generation"] for r in together] == [r["generation"] for r in alone]
@@ -191,14 +197,14 @@ def test_flex_refuses_to_run_without_its_block_mask_and_is_scoped(small_dataset)
     from segment_mask import attention_implementation
     model, tokenizer = cached_tiny("llama")
     rows = single_rows(tokenizer, small_dataset.prompt_parts(small_dataset.records[0], 3), [0, 1, 2])
-    plain, _ = decode(model, tokenizer, rows, 1, greedy, no_stop())
+    plain, _ = decode(LanguageModel(model, tokenizer), rows, 1, greedy, no_stop())
     ids, pos, seg = pad_left(rows, 0, model.device)
     with attention_implementation(model, FLEX_ATTENTION), pytest.raises(RuntimeError, match="needs a BlockMask"):
         prefill(model, ids, pos, PaddingMask(seg, 0).prefill())
     assert model.config._attn_implementation == "sdpa"
     answer_fused(model, tokenizer, small_dataset, small_dataset.records[:1], 3, no_stop(), backend="flex")
     assert model.config._attn_implementation == "sdpa"
-    assert decode(model, tokenizer, rows, 1, greedy, no_stop())[0] == plain
+    assert decode(LanguageModel(model, tokenizer), rows, 1, greedy, no_stop())[0] == plain
 
 
 # ---------------------------------------------------------------- few-shot examples shown as paraphrases too
@@ -262,11 +268,11 @@ def test_fused_fewshot_identical_copies_equal_the_single_prompt(tiny):
     fused = fused_row(tokenizer, copies.prompt_parts(copies.records[0], 3, "fused"))
     _, alone, _ = fused_prefill(model, [single_row])
     ids, pos, seg = pad_left([fused], 0, model.device)
-    mask = SegmentMask(seg, MAX_NEW, "sdpa", torch.full((1, 3), -math.log(3)), example_bias=-math.log(3))
+    mask = SegmentMask(seg, MAX_NEW, FusionSettings(), torch.full((1, 3), -math.log(3)))  # examples: -log 3 too
     with mask.attention(model):
         biased, _ = prefill(model, ids, pos, mask.prefill())
     assert (biased[0, -1] - alone[0, -1]).abs().max() <= 1e-4
-    out = answer_fused(model, tokenizer, copies, copies.records, 3, no_stop(), fusion_bias="uniform",
+    out = answer_fused(model, tokenizer, copies, copies.records, 3, no_stop(), bias="uniform",
                        fewshot="fused")[0]
     assert out["token_ids"] == generate_reference(model, tokenizer, single_row.input_ids, MAX_NEW)
 
@@ -275,7 +281,7 @@ def test_fused_fewshot_identical_copies_equal_the_single_prompt(tiny):
 def test_fused_fewshot_flex_equals_sdpa_and_batches_change_nothing(positions):
     model, tokenizer = cached_tiny("qwen2")
     ds = fused_fewshot_dataset()
-    kwargs = dict(positions=positions, fusion_bias="uniform", fewshot="fused")
+    kwargs = dict(positions=positions, bias="uniform", fewshot="fused")
     sdpa = answer_fused(model, tokenizer, ds, ds.records, 3, no_stop(), backend="sdpa", **kwargs)
     flex = answer_fused(model, tokenizer, ds, ds.records, 3, no_stop(), backend="flex", **kwargs)
     alone = [answer_fused(model, tokenizer, ds, [r], 3, no_stop(), **kwargs)[0] for r in ds.records]

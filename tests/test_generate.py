@@ -7,7 +7,7 @@ import torch
 from conftest import generate_reference
 from confidence import normalised_weights
 from dataset import Dataset, Record
-from decoding import StopRule, decode, greedy, single_rows
+from decoding import LanguageModel, StopRule, decode, greedy, single_rows
 from methods import answer_ensemble, answer_per_prompt, fuse_logits
 
 MAX_NEW = 8
@@ -42,7 +42,7 @@ def test_per_prompt_equals_transformers_generate(tiny, small_dataset):
     model, tokenizer = tiny
     parts = [small_dataset.prompt_parts(r, 3) for r in small_dataset.records]
     rows = [row for p in parts for row in single_rows(tokenizer, p, [0, 1, 2])]
-    ours, _ = decode(model, tokenizer, rows, 1, greedy, no_stop(model, tokenizer))
+    ours, _ = decode(LanguageModel(model, tokenizer), rows, 1, greedy, no_stop(model, tokenizer))
     for row, tokens in zip(rows, ours):
         assert tokens == generate_reference(model, tokenizer, row.input_ids, MAX_NEW)
 
@@ -52,9 +52,9 @@ def test_avg_and_max_of_copies_equal_the_single_prompt(tiny):
     question = "who painted the mona lisa?"
     copies = Dataset("t", "qa", [Record("c", [question] * 4, ["Leonardo"])], [("2+2?", "4")])
     stop = no_stop(model, tokenizer)
-    alone = answer_per_prompt(model, tokenizer, copies, copies.records, 1, stop, "origin")[0][0]
+    alone = answer_per_prompt(LanguageModel(model, tokenizer), copies, copies.records, 1, stop, "origin")[0][0]
     for method in ("avg", "max"):
-        fused = answer_ensemble(model, tokenizer, copies, copies.records, 4, stop, method)[0][0]
+        fused = answer_ensemble(LanguageModel(model, tokenizer), copies, copies.records, 4, stop, method)[0][0]
         assert fused["generation"] == alone["generation"] and fused["new_tokens"] == MAX_NEW
 
 
@@ -63,8 +63,8 @@ def test_batch_composition_changes_nothing(tiny, small_dataset):
     stop = no_stop(model, tokenizer)
     records = small_dataset.records
     for method in ("avg", "max"):
-        together = answer_ensemble(model, tokenizer, small_dataset, records, 3, stop, method)[0]
-        alone = [answer_ensemble(model, tokenizer, small_dataset, [r], 3, stop, method)[0][0] for r in records]
+        together = answer_ensemble(LanguageModel(model, tokenizer), small_dataset, records, 3, stop, method)[0]
+        alone = [answer_ensemble(LanguageModel(model, tokenizer), small_dataset, [r], 3, stop, method)[0][0] for r in records]
         assert [r["generation"] for r in together] == [r["generation"] for r in alone]
 
 
@@ -73,10 +73,10 @@ def test_finished_question_is_dropped_without_touching_others(llama, small_datas
     model, tokenizer = llama
     stop = no_stop(model, tokenizer)
     rows = [row for r in small_dataset.records for row in single_rows(tokenizer, small_dataset.prompt_parts(r, 3), [0])]
-    full, _ = decode(model, tokenizer, rows, 1, greedy, stop)
+    full, _ = decode(LanguageModel(model, tokenizer), rows, 1, greedy, stop)
     # make question 0's second token an EOS: it finishes after two steps, the others must be unchanged
     early = StopRule({full[0][1]}, MAX_NEW, first_line_only=False)
-    cut, stats = decode(model, tokenizer, rows, 1, greedy, early)
+    cut, stats = decode(LanguageModel(model, tokenizer), rows, 1, greedy, early)
     assert cut[0] == full[0][:full[0].index(full[0][1]) + 1]
     for q in (1, 2):
         stop_at = next((i for i, t in enumerate(full[q]) if t == full[0][1]), len(full[q]) - 1)
@@ -88,7 +88,7 @@ def test_cached_decoding_equals_full_recompute(tiny, small_dataset):
     model, tokenizer = tiny
     record = small_dataset.records[0]
     rows = single_rows(tokenizer, small_dataset.prompt_parts(record, 3), [0, 1, 2])
-    ours = answer_ensemble(model, tokenizer, small_dataset, [record], 3, no_stop(model, tokenizer), "avg")[0][0]
+    ours = answer_ensemble(LanguageModel(model, tokenizer), small_dataset, [record], 3, no_stop(model, tokenizer), "avg")[0][0]
     generated: list[int] = []
     with torch.inference_mode():
         for _ in range(MAX_NEW):

@@ -4,13 +4,15 @@ on tiny Llama, Qwen2 and Qwen3 models, with padded batches and early stops."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from conftest import FEW_SHOT, QUESTIONS, cached_tiny
 from dataset import Dataset, Record
-from decoding import StopRule, decode, fused_row, prefix_cache, single_rows
+from decoding import LanguageModel, StopRule, decode, fused_row, single_rows
+from fusion import FusionSettings
 from segment_mask import SegmentMask
 
 MAX_NEW = 5
@@ -30,17 +32,12 @@ class Recorder:
         return self.fuse(logits) if self.fuse else logits[:, 0].argmax(-1)
 
 
-def both_ways(model, run):
-    """run() with the prefix reused, then computed in every batch: (outputs, recorder) of each."""
-    cache = prefix_cache(model)
-    try:
-        cache.enabled = True
-        reused = run()
-        cache.enabled = False
-        fresh = run()
-    finally:
-        cache.enabled = True
-    return reused, fresh
+def both_ways(model, tokenizer, run):
+    """run(lm) with the prefix reused (one cache over two runs), then computed in every batch: (outputs,
+    recorder) of the second reused run and of the fresh one."""
+    reused = LanguageModel(model, tokenizer)
+    run(reused)
+    return run(reused), run(LanguageModel(model, tokenizer, prefix_cache=None))
 
 
 def assert_same(reused, fresh):
@@ -59,11 +56,10 @@ def rows_of(tokenizer, kind: str):
     return [fused_row(tokenizer, p, kind) for p in parts], 1
 
 
-def early_stop(model, tokenizer, rows, n, mask_cls=None, kwargs=None) -> StopRule:
+def early_stop(model, tokenizer, rows, n, renderer=None) -> StopRule:
     """A stop rule whose EOS is a token the first question emits at step 2: it stops early, others may not."""
     probe = StopRule(set(), MAX_NEW, first_line_only=False)
-    args = (mask_cls, kwargs) if mask_cls else ()
-    first = decode(model, tokenizer, rows, n, Recorder(), probe, *args)[0][0]
+    first = decode(LanguageModel(model, tokenizer), rows, n, Recorder(), probe, renderer)[0][0]
     return StopRule({first[1]}, MAX_NEW, first_line_only=False)
 
 
@@ -78,10 +74,10 @@ def test_plain_rows_same_with_and_without_prefix_reuse(family, kind, n, fuse):
     rows, _ = rows_of(tokenizer, kind)
     stop = early_stop(model, tokenizer, rows, n)
 
-    def run():
+    def run(lm):
         rec = Recorder(fuse)
-        return decode(model, tokenizer, rows, n, rec, stop)[0], rec
-    assert_same(*both_ways(model, run))
+        return decode(lm, rows, n, rec, stop)[0], rec
+    assert_same(*both_ways(model, tokenizer, run))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -90,28 +86,48 @@ def test_plain_rows_same_with_and_without_prefix_reuse(family, kind, n, fuse):
 def test_fused_rows_same_with_and_without_prefix_reuse(family, positions, backend, temperature):
     model, tokenizer = cached_tiny(family)
     rows, _ = rows_of(tokenizer, positions)
-    kwargs = dict(backend=backend, biases=torch.full((len(rows), 3), -math.log(3)), temperature=temperature)
-    stop = early_stop(model, tokenizer, rows, 1, SegmentMask, kwargs)
+    renderer = partial(SegmentMask, settings=FusionSettings(backend=backend, temperature=temperature),
+                       biases=torch.full((len(rows), 3), -math.log(3)))
+    stop = early_stop(model, tokenizer, rows, 1, renderer)
 
-    def run():
+    def run(lm):
         rec = Recorder()
-        return decode(model, tokenizer, rows, 1, rec, stop, SegmentMask, kwargs)[0], rec
-    assert_same(*both_ways(model, run))
+        return decode(lm, rows, 1, rec, stop, renderer)[0], rec
+    assert_same(*both_ways(model, tokenizer, run))
 
 
 def test_prefix_is_computed_once_per_run_and_rebuilt_for_another_format():
     model, tokenizer = cached_tiny("llama")
     rows, _ = rows_of(tokenizer, "left")
     stop = StopRule(set(), 2, first_line_only=False)
-    cache = prefix_cache(model)
-    cache.entries = {}
-    _, first = decode(model, tokenizer, rows[:2], 1, Recorder(), stop, SegmentMask)
-    _, second = decode(model, tokenizer, rows[2:], 1, Recorder(), stop, SegmentMask)
+    lm = LanguageModel(model, tokenizer)
+    cache = lm.prefix_cache
+    fused = partial(SegmentMask, settings=FusionSettings())
+    _, first = decode(lm, rows[:2], 1, Recorder(), stop, fused)
+    _, second = decode(lm, rows[2:], 1, Recorder(), stop, fused)
     prefix_len = len(next(iter(cache.entries))[0])
     assert prefix_len > 100  # the instruction and both few-shot examples
     assert first.prefill_tokens == prefix_len + 2 * (max(len(r.input_ids) for r in rows[:2]) - prefix_len)
     assert second.prefill_tokens == 2 * (max(len(r.input_ids) for r in rows[2:]) - prefix_len)  # reused
     other = Dataset("t", "qa", QUESTIONS, [("another example?", "yes")])
-    decode(model, tokenizer, [fused_row(tokenizer, other.prompt_parts(QUESTIONS[0], 3))], 1, Recorder(), stop,
-           SegmentMask)
+    decode(lm, [fused_row(tokenizer, other.prompt_parts(QUESTIONS[0], 3))], 1, Recorder(), stop, fused)
     assert len(cache.entries) == 1 and len(next(iter(cache.entries))[0]) != prefix_len  # a new format, rebuilt
+
+
+def test_weights_changed_in_place_are_not_served_from_the_prefix_cache():
+    """A notebook that edits the model's weights in place (load_state_dict, a fine-tuning step) gets the new
+    weights' prefix, not the cached one: the answers equal a fresh model's, and the prefix is recomputed."""
+    from models import tiny_model
+    model, tokenizer = tiny_model("llama", seed=0)
+    other, _ = tiny_model("llama", seed=1)
+    rows, _ = rows_of(tokenizer, "single")
+    stop = StopRule(set(), 3, first_line_only=False)
+    lm = LanguageModel(model, tokenizer)
+    before, _ = decode(lm, rows, 1, Recorder(), stop)
+    model.load_state_dict(other.state_dict())
+    after, stats = decode(lm, rows, 1, Recorder(), stop)
+    expected, _ = decode(LanguageModel(other, tokenizer, prefix_cache=None), rows, 1, Recorder(), stop)
+    assert after == expected and after != before
+    _, reused = decode(lm, rows, 1, Recorder(), stop)
+    prefix_len = len(next(iter(lm.prefix_cache.entries))[0])
+    assert stats.prefill_tokens == reused.prefill_tokens + prefix_len  # after the change, the prefix ran again

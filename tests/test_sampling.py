@@ -12,8 +12,9 @@ import torch
 from conftest import FEW_SHOT, QUESTIONS, cached_tiny
 from constants import REPO_DIR
 from dataset import Dataset, Record
-from decoding import Sampler, fused_row, pad_left, prefill
+from decoding import LanguageModel, Sampler, fused_row, pad_left, prefill
 from results import read_table
+from fusion import FusionSettings
 from segment_mask import SegmentMask
 
 
@@ -38,7 +39,7 @@ def paraphraser(tmp_path, monkeypatch):
     import paraphrase
     monkeypatch.setattr(paraphrase, "CACHE_DIR", tmp_path)
     model, tokenizer = cached_tiny("llama")
-    return paraphrase.Paraphraser(model, tokenizer, "tiny-llama", max_new_tokens=6)
+    return paraphrase.Paraphraser(LanguageModel(model, tokenizer), "tiny-llama", max_new_tokens=6)
 
 
 def test_paraphraser_passes_cache_and_growth(paraphraser, monkeypatch):
@@ -67,7 +68,7 @@ def test_paraphraser_cache_is_keyed_by_its_settings(paraphraser):
 
 def test_an_empty_or_multiline_sample_is_handled(paraphraser, monkeypatch):
     from decoding import answer_text
-    tokenizer = paraphraser.tokenizer
+    tokenizer = paraphraser.lm.tokenizer
     assert answer_text(tokenizer, tokenizer("\n  which city?\nmore text")["input_ids"][1:])[0] == "which city?"
     monkeypatch.setattr(paraphraser, "sample", lambda qs, i: [""] * len(qs))
     out = paraphraser([Record("a", ["who is there?"], ["me"])], 1)
@@ -87,7 +88,7 @@ def test_confidence_bias_of_one_paraphrase_is_that_paraphrase_alone():
 
     def last_logits(row, biases=None):
         ids, pos, seg = pad_left([row], 0, model.device)
-        mask = SegmentMask(seg, 0, "sdpa", biases)
+        mask = SegmentMask(seg, 0, FusionSettings(), biases)
         with mask.attention(model):
             return prefill(model, ids, pos, mask.prefill())[0][0, -1]
     reference = last_logits(alone)

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import FEW_SHOT, QUESTIONS
 from constants import InputError
 from dataset import Dataset, Record
-from decoding import encode_prompt, fused_row, single_rows
+from decoding import LanguageModel, encode_prompt, fused_row, single_rows
 from segment_mask import FUSED_SEGMENT, PREFIX_SEGMENT
 
 ODD = [Record("odd", ["what is it", "name it!", "it is what?", "tell me:  what", "what?"], ["x"])]
@@ -104,7 +104,7 @@ def test_embedded_model_reads_the_full_text_tokens():
     ds.records = ds.records[:40]
     check_parts(tokenizer, ds, 5)
     rows = [single_rows(tokenizer, ds.prompt_parts(r, 1), [0])[0] for r in ds.records[:8]]
-    ours, _ = decode(model, tokenizer, rows, 1, greedy, StopRule(set(), 6, first_line_only=False))
+    ours, _ = decode(LanguageModel(model, tokenizer), rows, 1, greedy, StopRule(set(), 6, first_line_only=False))
     with torch.inference_mode():
         for row, tokens in zip(rows, ours):
             assert tokens == generate_reference(model, tokenizer, row.input_ids, 6)

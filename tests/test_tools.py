@@ -163,13 +163,14 @@ def test_isolation_check_catches_a_leak(monkeypatch):
     from conftest import QUESTIONS, FEW_SHOT, cached_tiny
     from dataset import Dataset
     from decoding import fused_row
+    from fusion import FusionSettings
 
     model, tokenizer = cached_tiny("llama")
     ds = Dataset("t", "qa", QUESTIONS[:1], FEW_SHOT)
     row = fused_row(tokenizer, ds.prompt_parts(QUESTIONS[0], 3))
     real = dbg.SegmentMask
     monkeypatch.setattr(dbg, "SegmentMask", lambda seg, *a, **k: real(torch.zeros_like(seg), *a, **k))
-    diffs = dbg.isolation_diffs(model, row, "sdpa")
+    diffs = dbg.isolation_diffs(model, row, FusionSettings())
     worst = {name: max(d.rel for d in layers) for name, layers in diffs.items()}
     assert worst["prefix"] <= 1e-5 and worst["paraphrase 1"] <= 1e-5  # nothing before them to leak
     assert worst["paraphrase 2"] > 1e-2 and worst["paraphrase 3"] > 1e-2

@@ -263,7 +263,7 @@ def test_indexs_fuses_the_chosen_paraphrases(tmp_path, monkeypatch, capsys):
     (["--indexs", "0,5"], "--indexs 0,5: "),
     (["--indexs", "0,x"], "comma-separated paraphrase indices"),
     (["--indexs", "1,1"], "names a paraphrase twice"),
-    (["--indexs", "0,1", "--num_ensemble", "3"], "chooses 2 paraphrases but --num_ensemble is 3"),
+    (["--indexs", "0,1", "--num_ensemble", "3"], "chooses 2 paraphrases but N (--num_ensemble / --num_paraphrases) is 3"),
     (["--indexs", "0,1", "--method", "per_prompt"], "--method per_prompt is no ensemble"),
 ])
 def test_indexs_mistakes_are_one_line(args, message, tmp_path, monkeypatch, capsys):
@@ -388,25 +388,26 @@ def test_provenance_is_kept_and_never_blocks_a_resume(tmp_path, monkeypatch, cap
 
 
 def test_git_state_unknown_without_git(monkeypatch, tmp_path):
-    import runner
-    runner.git_state.cache_clear()
+    import results
+    results.git_state.cache_clear()
     try:
         monkeypatch.setenv("PATH", str(tmp_path))  # no git program
-        assert runner.git_state() == ("unknown", None)
-        runner.git_state.cache_clear()
+        assert results.git_state() == ("unknown", None)
+        results.git_state.cache_clear()
         monkeypatch.undo()
-        monkeypatch.setattr(runner, "REPO_DIR", tmp_path)  # a copy of the project outside any checkout
-        assert runner.git_state() == ("unknown", None)
+        monkeypatch.setattr(results, "REPO_DIR", tmp_path)  # a copy of the project outside any checkout
+        assert results.git_state() == ("unknown", None)
     finally:
-        runner.git_state.cache_clear()
+        results.git_state.cache_clear()
 
 
 def test_check_settings_keeps_provenance_apart(tmp_path):
     from constants import InputError
-    from results import check_settings
+    from results import ResultWriter, check_settings
 
     table = tmp_path / "t.feather"
     check_settings(table, {"seed": 0, "provenance": {"git_commit": "a"}})
+    ResultWriter(table).append([{"uuid": "q1"}])  # rows exist: the settings are a table's, not a crashed run's
     check_settings(table, {"seed": 0, "provenance": {"git_commit": "b"}})
     check_settings(table, {"seed": 0, "provenance": {"git_commit": "b"}})  # recorded once
     check_settings(table, {"seed": 0, "provenance": {"git_commit": "a"}})  # the creator's: nothing to add

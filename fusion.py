@@ -1,0 +1,80 @@
+"""The attention-level fusion settings: one frozen object from the flags to the row. The command builds
+it from its flags (cli.fusion_settings), `methods.answer_fused` and `SegmentMask` decode with it, and it
+names the output table, writes its fields into every row and into the table's settings; the study grid,
+the debug tool, the example and the benchmark are lists of it."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from constants import (DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS,
+                       InputError)
+from dataset import FEWSHOT_FORMATS
+
+POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted as the old name of "left", here only
+FUSION_BIASES = ("none", "uniform", "confidence")
+BACKENDS = ("sdpa", "flex")
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """How the N paraphrases of a question are fused in one sequence.
+
+    positions: left (every paraphrase starts after the prefix), right (every one ends before the suffix)
+        or continuous (0..L-1, upstream's); bias: the answer's score bias on paraphrase keys (none, uniform
+        -log N, confidence log w); temperature: those scores divided by T (APE); fewshot: single (each
+        example as one question) or fused (as its N isolated paraphrases); backend: sdpa (dense mask) or
+        flex (FlexAttention BlockMask), compiled or eager."""
+    positions: str = DEFAULT_POSITIONS
+    bias: str = DEFAULT_FUSION_BIAS
+    temperature: float = DEFAULT_FUSION_TEMPERATURE
+    fewshot: str = DEFAULT_FEWSHOT_FORMAT
+    backend: str = "sdpa"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.positions == "aligned":
+            object.__setattr__(self, "positions", "left")
+        for flag, value, choices in (("--positions", self.positions, POSITIONS),
+                                     ("--fusion-bias", self.bias, FUSION_BIASES),
+                                     ("--fewshot-format", self.fewshot, FEWSHOT_FORMATS),
+                                     ("--attn", self.backend, BACKENDS)):
+            if value not in choices:
+                raise InputError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"--fusion-temperature must be a finite number > 0, got {self.temperature}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.compile and self.backend != "flex":
+            raise InputError("--compile on applies to --attn flex only; drop it or choose --attn flex")
+
+    def variant(self) -> str:
+        """The settings that differ from the defaults, as the output name spells them ('' for the defaults);
+        the backend never changes the answer, so it is not part of the name."""
+        spelled = ((self.positions, DEFAULT_POSITIONS), (f"bias_{self.bias}", f"bias_{DEFAULT_FUSION_BIAS}"),
+                   (f"t{self.temperature:g}", f"t{DEFAULT_FUSION_TEMPERATURE:g}"),
+                   (f"fewshot_{self.fewshot}", f"fewshot_{DEFAULT_FEWSHOT_FORMAT}"))
+        return "".join(f"-{value}" for value, default in spelled if value != default)
+
+    def table_name(self, n: int) -> str:
+        """flex_attention-<N>.feather for the defaults; other variants named, so they sit side by side."""
+        return f"flex_attention-{n}{self.variant()}.feather"
+
+    def row_fields(self) -> dict:
+        """The columns every result row of attention-level fusion carries."""
+        return dict(positions=self.positions, attn_backend=self.backend, fusion_bias=self.bias,
+                    fusion_temperature=self.temperature, fewshot_format=self.fewshot)
+
+    def table_settings(self) -> dict:
+        """What the table's settings file keeps of these (compared on resume) beyond the flags."""
+        return {"attn": self.backend, "compile": self.compile}
+
+    def describe(self) -> str:
+        """One line for the user: what this run decodes with (the backend is said with its reason apart)."""
+        return (f"positions {self.positions}; fusion bias {self.bias}; fusion temperature {self.temperature:g}; "
+                f"few-shot format {self.fewshot}")
+
+    def with_backend(self, backend: str, compile: bool = False) -> "FusionSettings":
+        return replace(self, backend=backend, compile=compile)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -16,8 +16,9 @@ from constants import (DATASETS, DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_DATASET, DE
                        DEFAULT_NUM_PARAPHRASES, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P,
                        DEFAULT_POSITIONS, EMBEDDED_MODEL, EXIT_BAD_INPUT, InputError)
 from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS
-from fusion import FUSION_BIASES, POSITIONS, FusionSettings
-from runner import RunConfig, Interrupted
+from fusion import ISOLATIONS, POSITIONS, FusionSettings
+from runner import Interrupted, RunConfig
+from selection import Selection
 
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed and numpy take seeds below 2^63 (and 2^64): one range for all
 EXIT_FAULT = 1          # an OS error (disk full, read-only, I/O): one line, partial rows kept
@@ -107,6 +108,8 @@ def common_flags() -> list[tuple[tuple[str, ...], dict]]:
         (("--indexs",), dict(type=paraphrase_indexs, metavar="I,J,...", help="upstream's diversity runs: fuse "
                              "exactly these paraphrases (0 = the original question; N is their count); the table "
                              "goes to <output-dir>/diversity/<name>-<indexs>.feather")),
+        (("--num-fewshot", "--num_fewshot"), dict(type=int, metavar="K", help="few-shot examples in the prompt (default "
+                                                   "5, upstream's; 0: none)")),
         (("--lemmaize",), dict(action="store_true", help="generate nothing: add upstream's lemma columns "
                                "(predict_lemma, answer_lemmas) to the table this command names, rewriting it "
                                "atomically (a no-op when they are there)")),
@@ -129,6 +132,31 @@ def add_n_flag(p: argparse.ArgumentParser, help: str) -> None:
                    type=int, help=help)
 
 
+def add_selection_flags(p: argparse.ArgumentParser) -> None:
+    """Which paraphrases each question is asked with (selection.Selection): upstream's synced samples and the
+    manual/auto mix."""
+    p.add_argument("--num-samples", "--num_samples", type=int, metavar="S",
+                   help="S ordered selections of N paraphrases per question, as upstream draws them "
+                        "(syncedsample_... tables); with --num_manual/--num_auto: N itself, drawn from M + A")
+    p.add_argument("--repeat-paras", "--repeat_paras", action="store_true",
+                   help="with --num_samples: each selection is one paraphrase N times (the count without diversity)")
+    p.add_argument("--num-manual", "--num_manual", type=int, metavar="M", help="MyriadLAMA mix: M manual templates")
+    p.add_argument("--num-auto", "--num_auto", type=int, metavar="A", help="MyriadLAMA mix: A automatic templates")
+
+
+def selection(args: argparse.Namespace) -> Selection | None:
+    """The sampled selection the flags ask for, or None (the first N paraphrases, or --indexs)."""
+    mix = args.num_manual is not None or args.num_auto is not None
+    if args.num_samples is None:
+        if mix or args.repeat_paras:
+            raise InputError("--repeat_paras, --num_manual and --num_auto need --num_samples")
+        return None
+    if args.indexs:
+        raise InputError("--indexs chooses the paraphrases itself; drop it or --num_samples")
+    return Selection(args.num_samples, args.repeat_paras, args.num_manual if mix else None,
+                     args.num_auto if mix else None)
+
+
 def add_fusion_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> None:
     """The attention-level flags of flex_attention_generate.py and debug_flexattention.py (FusionSettings)."""
     p.add_argument("--positions", choices=[*POSITIONS, "aligned"], default=DEFAULT_POSITIONS,
@@ -137,13 +165,20 @@ def add_fusion_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> N
     p.add_argument("--attn", choices=["auto", "flex", "sdpa"], default="auto",
                    help="flex: FlexAttention BlockMask; sdpa: the same mask dense (reference backend); auto: flex "
                         "on CUDA, sdpa on CPU")
-    p.add_argument("--fusion-bias", choices=FUSION_BIASES, default=DEFAULT_FUSION_BIAS,
-                   help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight)")
+    p.add_argument("--fusion-bias", default=DEFAULT_FUSION_BIAS, metavar="{none,uniform,confidence,B}",
+                   help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight), or a "
+                        "number B added on every paraphrase (log of APE's scale S)")
     p.add_argument("--fusion-temperature", type=finite_float, default=DEFAULT_FUSION_TEMPERATURE,
                    help="the answer's scores on paraphrase keys divided by T (APE); 1: off")
     p.add_argument("--fewshot-format", choices=FEWSHOT_FORMATS, default=DEFAULT_FEWSHOT_FORMAT,
                    help="single: each few-shot example as one question; fused: as its N isolated paraphrases, "
                         "then its answer (the same shape as the question)")
+    p.add_argument("--isolation", choices=ISOLATIONS, default="full",
+                   help="full: each paraphrase sees the prefix and itself; none: the paraphrases as one plain causal "
+                        "sequence (an ablation, upstream's -n; positions as --positions says)")
+    p.add_argument("--record-attention", action="store_true",
+                   help="keep in each row, per generated token, its attention share on the prefix, each paraphrase "
+                        "and the suffix/generated tokens (averaged over heads and layers)")
     p.add_argument("--confidence-samples", type=int, default=DEFAULT_CONFIDENCE_SAMPLES,
                    help="K sampled answers per paraphrase for --fusion-bias confidence (upstream: 100)")
     if compile_flag:
@@ -154,7 +189,7 @@ def add_fusion_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> N
 def check_flags(args: argparse.Namespace) -> None:
     """Every flag on its own and together, before anything is read or loaded."""
     from models import check_device_map, check_model_name, resolve_device
-    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples", "num", "top_k"):
+    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples", "num", "top_k", "num_samples"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             name = "N (--num-paraphrases, --num-ensemble)" if flag == "num" else f"--{flag.replace('_', '-')}"
@@ -174,7 +209,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 COMMON_FLAGS = ("dataset", "data_file", "task", "model", "limit", "batch_size", "max_new_tokens", "device", "dtype",
                 "device_map", "output_dir", "seed", "no_progress", "paraphrase_temperature", "paraphrase_top_p",
-                "paraphrases", "no_prefix_cache", "prompt_format", "indexs")
+                "paraphrases", "no_prefix_cache", "prompt_format", "indexs", "num_fewshot")
 NOT_ANSWER_FLAGS = ("lemmaize", "num", "top_k", "verbose")  # never part of a table's settings as flags
 
 
@@ -185,7 +220,8 @@ def run_config(args: argparse.Namespace, **method_flags) -> RunConfig:
     common = {k: getattr(args, k, getattr(defaults, k, False)) for k in COMMON_FLAGS}
     common["progress"] = not common.pop("no_progress")
     common["prefix_cache"] = not common.pop("no_prefix_cache")
-    return RunConfig(**common, method_flags=method_flags)
+    chosen = selection(args) if hasattr(args, "num_samples") else None
+    return RunConfig(**common, selection=chosen, method_flags=method_flags)
 
 
 def fusion_settings(args: argparse.Namespace, device) -> tuple[FusionSettings, str]:
@@ -195,7 +231,7 @@ def fusion_settings(args: argparse.Namespace, device) -> tuple[FusionSettings, s
     backend, compiled, label = resolve_backend(args.attn, getattr(args, "compile", "off"), device,
                                                getattr(args, "device_map", None))
     settings = FusionSettings(args.positions, args.fusion_bias, args.fusion_temperature, args.fewshot_format, backend,
-                              compiled)
+                              compiled, args.isolation, args.record_attention)
     return settings, label
 
 
@@ -258,6 +294,11 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, default_n: int | N
           ) -> argparse.Namespace:
     """Parse and check the flags; N (`args.num`) defaults to `default_n` unless --indexs set it."""
     args = p.parse_args(argv)
+    if getattr(args, "num_manual", None) is not None and args.num_samples is not None:  # the mix: N is S
+        if args.num not in (None, args.num_samples):
+            raise InputError(f"--num_manual/--num_auto draw N = --num_samples {args.num_samples} paraphrases; "
+                             f"drop --num_paraphrases {args.num}")
+        args.num = args.num_samples
     if getattr(args, "num", "absent") is None:
         args.num = default_n
     check_flags(args)

@@ -28,6 +28,9 @@ class Record:
     uuid: str
     paraphrases: list[str]  # the original question first
     answers: list[str]
+    num_manual: int | None = None     # MyriadLAMA: how many of the paraphrases are manual templates (they come first)
+    indices: list[int] | None = None  # which of the question's paraphrases these are (a selection), in order
+    sample: int | None = None         # which of a question's sampled selections this is (--num_samples)
 
 
 @dataclass
@@ -219,7 +222,10 @@ def parse_record(row: dict, where: str) -> Record:
         raise InputError(f"{where}: 'paraphrases' must be a non-empty list of non-empty strings")
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise InputError(f"{where}: 'answers' must be a list of strings")
-    return Record(uuid, [p.strip() for p in paraphrases], answers)
+    manual = row.get("num_manual")
+    if manual is not None and (isinstance(manual, bool) or not isinstance(manual, int) or not 0 <= manual <= len(paraphrases)):
+        raise InputError(f"{where}: 'num_manual' must be a whole number between 0 and the number of paraphrases")
+    return Record(uuid, [p.strip() for p in paraphrases], answers, manual)
 
 
 def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: int | None = None) -> Dataset:
@@ -551,7 +557,8 @@ def load_myriadlama(data_file: Path | None, paraphrase_set: str | None = None,
         test_size=min(MYRIADLAMA_TEST_FACTS, len(facts) - reserved), seed=MYRIADLAMA_SPLIT_SEED, shuffle=True)
     train = [facts[i] for i in split["train"]["fact"]]
     examples = [train[i] for i in upstream_few_shot(len(train), MYRIADLAMA_FEW_SHOT_SEED, k)]
-    records = [Record(facts[i].uuid, fact_prompts(facts[i], num_auto), facts[i].answers) for i in split["test"]["fact"]]
+    records = [Record(facts[i].uuid, fact_prompts(facts[i], num_auto), facts[i].answers, len(facts[i].manual))
+               for i in split["test"]["fact"]]
     return Dataset("myriadlama", "mask", records, [few_shot_example(f) for f in examples],
                    [fact_prompts(f, num_auto) for f in examples])
 

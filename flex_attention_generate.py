@@ -10,8 +10,8 @@ lives in segment_mask.py, the settings in fusion.py; this is the command.
 """
 from __future__ import annotations
 
-from cli import (add_fusion_flags, add_n_flag, common_parser, fusion_settings, lemmaize_command, main_guard, parse,
-                 run_config)
+from cli import (add_fusion_flags, add_n_flag, add_selection_flags, common_parser, fusion_settings, lemmaize_command,
+                 main_guard, parse, run_config)
 from models import resolve_device
 from runner import fusion_flags, fusion_job, load_job
 
@@ -21,10 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     p = common_parser(__doc__.split("\n\n")[0])
     add_n_flag(p, "paraphrases per question (N); default 5")
     add_fusion_flags(p)
+    add_selection_flags(p)
     args = parse(p, argv)
     settings, backend = fusion_settings(args, resolve_device(args.device))  # before anything is read or loaded
     config = run_config(args, **fusion_flags(settings, args.num, args.confidence_samples))
-    table = config.out_dir() / settings.table_name(args.num)
+    table = config.table(settings.table_name(args.num), args.num)
     if args.lemmaize:
         lemmaize_command(config, table)
     config, dataset, lm = load_job(config, args.num, table)

@@ -12,7 +12,8 @@ from constants import (DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSI
 from dataset import FEWSHOT_FORMATS
 
 POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted as the old name of "left", here only
-FUSION_BIASES = ("none", "uniform", "confidence")
+FUSION_BIASES = ("none", "uniform", "confidence")  # or a number B: log of APE's scale S, on every paraphrase
+ISOLATIONS = ("full", "none")  # none: the paraphrases as one plain causal sequence (upstream's -n ablation)
 BACKENDS = ("sdpa", "flex")
 
 
@@ -22,23 +23,28 @@ class FusionSettings:
 
     positions: left (every paraphrase starts after the prefix), right (every one ends before the suffix)
         or continuous (0..L-1, upstream's); bias: the answer's score bias on paraphrase keys (none, uniform
-        -log N, confidence log w); temperature: those scores divided by T (APE); fewshot: single (each
-        example as one question) or fused (as its N isolated paraphrases); backend: sdpa (dense mask) or
-        flex (FlexAttention BlockMask), compiled or eager."""
+        -log N, confidence log w, or a number B on every paraphrase: log of APE's scale S); temperature:
+        those scores divided by T (APE); fewshot: single (each example as one question) or fused (as its N
+        isolated paraphrases); backend: sdpa (dense mask) or flex (FlexAttention BlockMask), compiled or
+        eager; isolation: full, or none (the paraphrases see each other, causally: an ablation);
+        record_attention: each generated token's attention share per segment kept in the row."""
     positions: str = DEFAULT_POSITIONS
     bias: str = DEFAULT_FUSION_BIAS
     temperature: float = DEFAULT_FUSION_TEMPERATURE
     fewshot: str = DEFAULT_FEWSHOT_FORMAT
     backend: str = "sdpa"
     compile: bool = False
+    isolation: str = "full"
+    record_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.positions == "aligned":
             object.__setattr__(self, "positions", "left")
+        if self.bias not in FUSION_BIASES:
+            object.__setattr__(self, "bias", f"{numeric_bias(self.bias):g}")
         for flag, value, choices in (("--positions", self.positions, POSITIONS),
-                                     ("--fusion-bias", self.bias, FUSION_BIASES),
                                      ("--fewshot-format", self.fewshot, FEWSHOT_FORMATS),
-                                     ("--attn", self.backend, BACKENDS)):
+                                     ("--attn", self.backend, BACKENDS), ("--isolation", self.isolation, ISOLATIONS)):
             if value not in choices:
                 raise InputError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -52,7 +58,8 @@ class FusionSettings:
         the backend never changes the answer, so it is not part of the name."""
         spelled = ((self.positions, DEFAULT_POSITIONS), (f"bias_{self.bias}", f"bias_{DEFAULT_FUSION_BIAS}"),
                    (f"t{self.temperature:g}", f"t{DEFAULT_FUSION_TEMPERATURE:g}"),
-                   (f"fewshot_{self.fewshot}", f"fewshot_{DEFAULT_FEWSHOT_FORMAT}"))
+                   (f"fewshot_{self.fewshot}", f"fewshot_{DEFAULT_FEWSHOT_FORMAT}"),
+                   (f"isolation_{self.isolation}", "isolation_full"))
         return "".join(f"-{value}" for value, default in spelled if value != default)
 
     def table_name(self, n: int) -> str:
@@ -61,20 +68,36 @@ class FusionSettings:
 
     def row_fields(self) -> dict:
         """The columns every result row of attention-level fusion carries."""
-        return dict(positions=self.positions, attn_backend=self.backend, fusion_bias=self.bias,
-                    fusion_temperature=self.temperature, fewshot_format=self.fewshot)
+        fields = dict(positions=self.positions, attn_backend=self.backend, fusion_bias=self.bias,
+                      fusion_temperature=self.temperature, fewshot_format=self.fewshot)
+        return {**fields, **({"isolation": self.isolation} if self.isolation != "full" else {})}
 
     def table_settings(self) -> dict:
         """What the table's settings file keeps of these (compared on resume) beyond the flags."""
-        return {"attn": self.backend, "compile": self.compile}
+        extra = {"isolation": self.isolation} if self.isolation != "full" else {}
+        return {"attn": self.backend, "compile": self.compile, **extra,
+                **({"record_attention": True} if self.record_attention else {})}
 
     def describe(self) -> str:
         """One line for the user: what this run decodes with (the backend is said with its reason apart)."""
         return (f"positions {self.positions}; fusion bias {self.bias}; fusion temperature {self.temperature:g}; "
-                f"few-shot format {self.fewshot}")
+                f"few-shot format {self.fewshot}; isolation {self.isolation}"
+                f"{'; recording attention shares' if self.record_attention else ''}")
 
     def with_backend(self, backend: str, compile: bool = False) -> "FusionSettings":
         return replace(self, backend=backend, compile=compile)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def numeric_bias(text: str) -> float:
+    """A --fusion-bias that is a number: finite, or a one-line error naming the choices."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise InputError(f"--fusion-bias {text!r}: choose one of {', '.join(FUSION_BIASES)} or a number "
+                         f"(log of APE's scale S)") from None
+    if not math.isfinite(value):
+        raise InputError(f"--fusion-bias {text!r}: a numeric bias must be finite")
+    return value

@@ -10,7 +10,7 @@ diversity runs); --lemmaize adds upstream's lemma columns to the table the same 
 """
 from __future__ import annotations
 
-from cli import Done, add_n_flag, common_parser, lemmaize_command, main_guard, parse, run_config
+from cli import Done, add_n_flag, add_selection_flags, common_parser, lemmaize_command, main_guard, parse, run_config
 from constants import DEFAULT_CONFIDENCE_SAMPLES, LOGIT_METHODS, InputError
 from runner import bind_model, load_lm, logit_count, logit_flags, logit_job, logit_table_name, open_job
 
@@ -23,15 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     add_n_flag(p, "paraphrases per question (N); default 5, and for per_prompt every paraphrase")
     p.add_argument("--confidence-samples", type=int, default=DEFAULT_CONFIDENCE_SAMPLES,
                    help="K sampled answers per paraphrase for weighted methods (upstream: 100)")
+    add_selection_flags(p)
     args = parse(p, argv, default_n=None)
-    if args.indexs and args.method in ("per_prompt", "origin", "all"):
-        raise InputError(f"--indexs chooses the paraphrases an ensemble fuses; --method {args.method} is no ensemble "
-                         f"(per_prompt answers every paraphrase already)")
+    for flag in ("indexs", "num_samples"):
+        if getattr(args, flag) is not None and args.method in ("per_prompt", "origin", "all"):
+            raise InputError(f"--{flag} chooses the paraphrases an ensemble fuses; --method {args.method} is no "
+                             f"ensemble (per_prompt answers every paraphrase already)")
     lm = None
     for method in (("origin", "per_prompt") if args.method == "all" else (args.method,)):
         config = run_config(args, **logit_flags(method, args.num, args.confidence_samples))
         n = logit_count(method, args.num)
-        table = config.out_dir() / logit_table_name(method, n or 1)
+        table = config.table(logit_table_name(method, n or 1), n or 1)
         try:
             if args.lemmaize:
                 lemmaize_command(config, table)

@@ -4,8 +4,6 @@ question at every step) and attention-level fusion (one fused row, the mask of s
 generate.py and flex_attention_generate.py are their commands; the benchmark calls them too."""
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from confidence import normalised_weights
@@ -14,7 +12,7 @@ from dataset import Dataset, Record
 from decoding import Chooser, DecodeStats, LanguageModel, Row, StopRule, decode, fused_row, greedy, single_rows
 from fusion import FusionSettings
 from results import result_row
-from segment_mask import PREFIX_SEGMENT, SegmentMask, flex_available, segment_biases
+from segment_mask import PREFIX_SEGMENT, AttentionShares, SegmentMask, flex_available, segment_biases
 
 AUTO_CUDA_BACKEND = "flex"  # --attn auto on CUDA; to be set from the GPU table (benchmarks/README.md)
 FUSION_METHODS = ("avg", "avg_prob", "max", "weighted_avg", "weighted_max")
@@ -94,31 +92,46 @@ def fusion_biases(settings: FusionSettings, batch: list[Record], n: int,
                         device=device)
 
 
+def decode_fused_shares(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                        settings: FusionSettings, weights: dict[str, tuple[list[float], bool]] | None = None,
+                        choose: Chooser = greedy
+                        ) -> tuple[list[Row], list[list[int]], DecodeStats, AttentionShares | None]:
+    """The fused rows of a batch of questions decoded with `settings`: (rows, generated tokens, decode
+    statistics, the attention shares per batch row when settings.record_attention, else None). The one decode
+    of attention-level fusion: the command, the debug tool and the example all come here. `weights` (uuid ->
+    normalised confidences, fallback flag) for --fusion-bias confidence."""
+    parts = [dataset.prompt_parts(r, n, settings.fewshot) for r in batch]
+    rows = [fused_row(lm.tokenizer, p, settings.positions) for p in parts]
+    biases, masks = fusion_biases(settings, batch, n, weights, lm.device), []
+
+    def renderer(segment_ids: torch.Tensor, max_new_tokens: int) -> SegmentMask:  # kept: its shares are returned
+        masks.append(SegmentMask(segment_ids, max_new_tokens, settings, biases, lm.model.dtype, paraphrases=n))
+        return masks[-1]
+    outputs, stats = decode(lm, rows, 1, choose, stop, renderer)
+    return rows, outputs, stats, masks[0].shares
+
+
 def decode_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
                  settings: FusionSettings, weights: dict[str, tuple[list[float], bool]] | None = None,
                  choose: Chooser = greedy) -> tuple[list[Row], list[list[int]], DecodeStats]:
-    """The fused rows of a batch of questions decoded with `settings`: (rows, generated tokens, decode
-    statistics). The one decode of attention-level fusion: the command, the debug tool and the example
-    all come here. `weights` (uuid -> normalised confidences, fallback flag) for --fusion-bias confidence."""
-    parts = [dataset.prompt_parts(r, n, settings.fewshot) for r in batch]
-    rows = [fused_row(lm.tokenizer, p, settings.positions) for p in parts]
-    renderer = partial(SegmentMask, settings=settings, biases=fusion_biases(settings, batch, n, weights, lm.device),
-                       dtype=lm.model.dtype)
-    outputs, stats = decode(lm, rows, 1, choose, stop, renderer)
-    return rows, outputs, stats
+    """`decode_fused_shares` without the shares: (rows, generated tokens, decode statistics)."""
+    return decode_fused_shares(lm, dataset, batch, n, stop, settings, weights, choose)[:3]
 
 
 def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
                  settings: FusionSettings = FusionSettings(),
                  weights: dict[str, tuple[list[float], bool]] | None = None) -> tuple[list[dict], DecodeStats]:
-    """One fused row per question, decoded with `settings`: (result rows, decode statistics)."""
-    rows, outputs, stats = decode_fused(lm, dataset, batch, n, stop, settings, weights)
+    """One fused row per question, decoded with `settings`: (result rows, decode statistics); with
+    settings.record_attention each row has `attention_share` (per generated token: prefix, paraphrases 1..N,
+    suffix and generated tokens; N+2 shares summing to 1, averaged over heads and layers)."""
+    rows, outputs, stats, shares = decode_fused_shares(lm, dataset, batch, n, stop, settings, weights)
     seconds = stats.seconds / len(batch)
     return [result_row(record, lm.tokenizer, tokens, paraphrases=record.paraphrases[:n],
                        prompts=[lm.tokenizer.decode(row.input_ids)], seconds=seconds, method="flex_attention",
                        num_ensemble=n, **settings.row_fields(), **token_counts([row], tokens),
-                       **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}))
-            for record, row, tokens in zip(batch, rows, outputs)], stats
+                       **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}),
+                       **({"attention_share": shares.shares(b)} if shares is not None else {}))
+            for b, (record, row, tokens) in enumerate(zip(batch, rows, outputs))], stats
 
 
 def resolve_backend(attn: str, compile: str, device: torch.device, device_map: str | None = None

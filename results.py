@@ -56,13 +56,17 @@ def split_lines(data: bytes) -> list[bytes]:
 
 def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], prompts: list[str], seconds: float,
                method: str, num_ensemble: int, paraphrase_index: int = -1, **extra) -> dict:
-    """One row of a result table: full uuid, every gold answer, the first line and the raw text."""
+    """One row of a result table: full uuid, every gold answer, the first line and the raw text, and which
+    of the question's paraphrases it used (`paraphrase_indices`; `sample_index` for a sampled selection)."""
     from decoding import answer_text
     prediction, generation = answer_text(tokenizer, tokens)
+    used = [paraphrase_index] if paraphrase_index >= 0 else list(range(len(paraphrases)))
+    indices = [record.indices[i] for i in used] if getattr(record, "indices", None) else used
+    sample = {"sample_index": record.sample} if getattr(record, "sample", None) is not None else {}
     return dict(uuid=record.uuid, paraphrases=paraphrases, prompts=prompts, answers=record.answers,
                 prediction=prediction, generation=generation, token_ids=list(tokens), seconds=seconds,
-                new_tokens=len(tokens),
-                method=method, num_ensemble=num_ensemble, paraphrase_index=paraphrase_index, **extra)
+                new_tokens=len(tokens), method=method, num_ensemble=num_ensemble, paraphrase_index=paraphrase_index,
+                paraphrase_indices=indices, **sample, **extra)
 
 
 @functools.lru_cache(maxsize=1)

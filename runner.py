@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import Counter
 import logging
 import os
 import re
@@ -19,10 +20,12 @@ from tqdm import tqdm
 
 from constants import REPO_DIR, WEBQA_SAMPLE_FILE, InputError, safe_name
 from dataset import Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
+from selection import Selection
 from decoding import LanguageModel, PrefixCache
 from results import ResultWriter, TableLock, check_settings, check_table_path, check_writable_dir, provenance
 
 log = logging.getLogger("self_ensemble")
+WEBQA_PROMPTS = 6  # upstream's WebQA: the original question and 5 paraphrases made by the model
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,18 @@ class RunConfig:
     prefix_cache: bool = True
     prompt_format: str = "plain"
     indexs: str | None = None
+    num_fewshot: int | None = None
+    selection: Selection | None = None
     method_flags: dict = field(default_factory=dict)
 
     @property
     def chosen(self) -> list[int] | None:
         """The paraphrase indices --indexs chose, or None (then the first N paraphrases are used)."""
         return [int(i) for i in self.indexs.split(",")] if self.indexs else None
+
+    def table(self, name: str, n: int) -> Path:
+        """The table `name` (for N paraphrases) in the output folder, renamed for a sampled selection."""
+        return self.out_dir() / (self.selection.table_name(name, n) if self.selection else name)
 
     def out_dir(self) -> Path:
         if self.output_dir:
@@ -90,7 +99,10 @@ class RunConfig:
         where it goes or runs, how many questions or the data file's path."""
         kept = ("dataset", "task", "model", "max_new_tokens", "seed", "paraphrase_temperature", "paraphrase_top_p",
                 "paraphrases", "prompt_format", "indexs")
-        return {**{k: getattr(self, k) for k in kept}, **self.method_flags}
+        extra = {"selection": dataclasses.asdict(self.selection)} if self.selection else {}
+        if self.num_fewshot is not None:
+            extra["num_fewshot"] = self.num_fewshot
+        return {**{k: getattr(self, k) for k in kept}, **extra, **self.method_flags}
 
 
 class Interrupted(Exception):
@@ -133,7 +145,8 @@ def read_data(config: RunConfig, num_paraphrases: int) -> Dataset:
     try:
         with warnings_only_if_it_works():
             dataset = load_dataset_by_name(config.dataset, config.data_file, config.task, num_paraphrases, None,
-                                           config.limit, paraphrase_set=config.paraphrases)
+                                           config.limit, paraphrase_set=config.paraphrases,
+                                           num_fewshot=config.num_fewshot)
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                          f"save it as UTF-8") from None
@@ -148,7 +161,7 @@ def read_data(config: RunConfig, num_paraphrases: int) -> Dataset:
 
 def select_paraphrases(dataset: Dataset, indexs: list[int]) -> None:
     """Each question's paraphrases become the chosen ones, in the order given (--indexs)."""
-    dataset.records = [dataclasses.replace(r, paraphrases=[r.paraphrases[i] for i in indexs])
+    dataset.records = [dataclasses.replace(r, paraphrases=[r.paraphrases[i] for i in indexs], indices=list(indexs))
                        for r in dataset.records]
 
 
@@ -210,10 +223,13 @@ def bind_model(config: RunConfig, dataset: Dataset, lm: LanguageModel, num_parap
         from paraphrase import Paraphraser
         paraphraser = Paraphraser(lm, config.model, seed=config.seed, temperature=config.paraphrase_temperature,
                                   top_p=config.paraphrase_top_p)
-        dataset.records = paraphraser(dataset.records, num_paraphrases - 1)
-        dataset.check_paraphrases(num_paraphrases)
+        made = max(num_paraphrases, WEBQA_PROMPTS) if config.selection else num_paraphrases  # samples draw from all
+        dataset.records = paraphraser(dataset.records, made - 1)
+        dataset.check_paraphrases(made)
     if config.chosen:
         select_paraphrases(dataset, config.chosen)
+    if config.selection:  # one record per sampled selection of the question's paraphrases
+        dataset.records = config.selection.expand(dataset.records, num_paraphrases, config.seed)
 
 
 def load_job(config: RunConfig, num_paraphrases: int, table: Path | None = None
@@ -280,36 +296,48 @@ def run_job(config: RunConfig, dataset: Dataset, path: Path, answer_batch: Calla
         check_settings(path, {**output_settings(config), "provenance": provenance(config.model, config.device_map, model)},
                        write=state.is_main_process)
         writer = ResultWriter(path, state.process_index)
-        expected = {r.uuid: rows_per_question(r) for r in dataset.records}
+        expected = Counter()
+        for record in dataset.records:  # a sampled question is one record per selection
+            expected[record.uuid] += rows_per_question(record)
         writer.drop_incomplete(expected)
-        done = writer.done_uuids(expected)
-        shard = dataset.records[state.process_index::state.num_processes]
-        todo = [r for r in shard if r.uuid not in done]
+        order = list(expected)
+        mine = order[state.process_index::state.num_processes]  # a question's selections stay on one rank
+        done = writer.done_uuids(expected) & set(mine)
         if state.num_processes > 1:
             log.warning("process %d of %d: %d questions in this shard", state.process_index, state.num_processes,
-                        len(shard))
-        if len(todo) < len(shard):
-            log.warning("%s: resuming, %d of %d questions already done", path.name, len(shard) - len(todo), len(shard))
-        kept = len(shard) - len(todo)
-        try:
-            with tqdm(total=len(shard), initial=kept, desc=path.stem, unit="q",
-                      disable=not config.progress or not state.is_local_main_process) as bar:
-                for start in range(0, len(todo), config.batch_size):
-                    batch = todo[start:start + config.batch_size]
-                    writer.append(answer_batch(batch))
-                    kept += len(batch)
-                    bar.update(len(batch))
-        except KeyboardInterrupt as err:
-            code = 143 if type(err).__name__ == "Terminated" else 130
-            raise Interrupted(kept, len(shard), code) from None
+                        len(mine))
+        if done:
+            log.warning("%s: resuming, %d of %d questions already done", path.name, len(done), len(mine))
+        todo = [r for r in dataset.records if r.uuid in set(mine) - done]
+        answer_all(todo, answer_batch, writer, config, (len(done), len(mine)), state.is_local_main_process)
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
-        df = writer.finish([r.uuid for r in dataset.records], expected)
+        df = writer.finish(order, expected)
     print(f"{path.stem}: {len(df)} rows, exact {df['exact'].mean():.3f}, partial {df['partial'].mean():.3f} -> {path}")
     return df
 
 
+
+
+def answer_all(todo: list[Record], answer_batch: Callable[[list[Record]], list[dict]], writer: ResultWriter,
+               config: RunConfig, progress: tuple[int, int], show: bool) -> None:
+    """Answer and append `todo`, batch by batch, under a progress bar over questions (done, total); Ctrl-C
+    or SIGTERM ends it with Interrupted, saying how many questions are kept."""
+    kept, total = progress
+    left = Counter(r.uuid for r in todo)
+    try:
+        with tqdm(total=total, initial=kept, desc=writer.path.stem, unit="q", disable=not config.progress or not show
+                  ) as bar:
+            for start in range(0, len(todo), config.batch_size):
+                batch = todo[start:start + config.batch_size]
+                writer.append(answer_batch(batch))
+                left.subtract(r.uuid for r in batch)
+                finished = sum(1 for r in dict.fromkeys(r.uuid for r in batch) if left[r] == 0)
+                kept += finished
+                bar.update(finished)
+    except KeyboardInterrupt as err:
+        raise Interrupted(kept, total, 143 if type(err).__name__ == "Terminated" else 130) from None
 
 
 # ---------------------------------------------------------------- the two kinds of job
@@ -345,7 +373,7 @@ def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: st
     from decoding import StopRule, eos_ids, single_rows
     from methods import answer_ensemble, answer_per_prompt
     n = logit_count(method, num)
-    table = config.out_dir() / logit_table_name(method, n or 1)
+    table = config.table(logit_table_name(method, n or 1), n or 1)
     stop = StopRule(eos_ids(lm.model, lm.tokenizer), config.max_new_tokens)
 
     def count(record: Record) -> int:
@@ -370,7 +398,7 @@ def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings,
     from confidence import confidences, normalised_weights
     from decoding import StopRule, eos_ids, fused_row
     from methods import answer_fused
-    table = config.out_dir() / settings.table_name(n)
+    table = config.table(settings.table_name(n), n)
     stop = StopRule(eos_ids(lm.model, lm.tokenizer), config.max_new_tokens)
     check_prompts(lm.model, dataset, lambda r: [fused_row(lm.tokenizer, dataset.prompt_parts(r, n, settings.fewshot),
                                                           settings.positions)], config.max_new_tokens)
@@ -384,3 +412,34 @@ def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings,
         rows = answer_fused(lm, dataset, batch, n, stop, settings, weights)[0]
         return conf.annotate(rows) if conf else rows
     return run_job(config, dataset, table, answer_batch, model=lm.model)
+
+
+# ---------------------------------------------------------------- from Python (a notebook)
+
+def answer_table(lm: LanguageModel, questions: list[Record], method: str, n: int | None = None, *,
+                 settings=None, few_shot: list[tuple[str, str]] = (), task: str = "qa", max_new_tokens: int = 16,
+                 batch_size: int = 8):
+    """The scored result table of `method` over `questions`, in memory (nothing written), the model loaded
+    once by the caller: `lm = load_lm(RunConfig(model="smollm2_135m_it"))`. method: per_prompt, origin, a
+    logit-level fusion (avg, avg_prob, max) or "flex_attention" (with `settings`, default FusionSettings());
+    n: paraphrases per question (per_prompt: None asks every one)."""
+    import pandas as pd
+
+    import scoring
+    from decoding import StopRule, eos_ids
+    from fusion import FusionSettings
+    from methods import FUSION_METHODS, answer_ensemble, answer_fused, answer_per_prompt
+    dataset = Dataset("notebook", task, list(questions), list(few_shot))
+    stop = StopRule(eos_ids(lm.model, lm.tokenizer), max_new_tokens)
+    rows = []
+    for start in range(0, len(questions), batch_size):
+        batch = dataset.records[start:start + batch_size]
+        if method in ("per_prompt", "origin"):
+            rows += answer_per_prompt(lm, dataset, batch, n, stop, method)[0]
+        elif method == "flex_attention":
+            rows += answer_fused(lm, dataset, batch, n or 5, stop, settings or FusionSettings())[0]
+        elif method in FUSION_METHODS and not method.startswith("weighted"):
+            rows += answer_ensemble(lm, dataset, batch, n or 5, stop, method)[0]
+        else:
+            raise InputError(f"method {method!r}: choose per_prompt, origin, avg, avg_prob, max or flex_attention")
+    return scoring.score_frame(pd.DataFrame(rows))

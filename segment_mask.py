@@ -24,6 +24,27 @@ The picture for one pad, a 2-token prefix, paraphrases of 2, 3 and 2 tokens and 
     3 .PP.....33..
     S .PP1122233S.
     S .PP1122233SS
+
+The ablation `--isolation none` (upstream's -n) adds one rule, `paraphrases_see_each_other`: the paraphrases
+read as one plain causal sequence, positions still as --positions says; the bias and 1/T still apply only
+where the answer (or a later block) reads them::
+
+      _PP1122233SS
+    _ _...........
+    P .P..........
+    P .PP.........
+    1 .PP1........
+    1 .PP11.......
+    2 .PP112......
+    2 .PP1122.....
+    2 .PP11222....
+    3 .PP112223...
+    3 .PP1122233..
+    S .PP1122233S.
+    S .PP1122233SS
+
+With --record-attention the decode also keeps, per generated token, its attention share on the prefix, each
+paraphrase and the suffix (`AttentionShares`), recomputed from each layer's queries and keys.
 """
 from __future__ import annotations
 
@@ -69,9 +90,10 @@ def segment_block(seg: torch.Tensor) -> torch.Tensor:
     return torch.where(seg == FUSED_SEGMENT, 0, seg // SHOT_STRIDE)
 
 
-def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor) -> MaskMod:
+def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor, isolation: str = "full") -> MaskMod:
     """Who may attend to whom, from segment ids [B, T] (T covers prompt and generated tokens).
-    Query i of a call is token i + q_offset of the row (decode steps start past the prompt)."""
+    Query i of a call is token i + q_offset of the row (decode steps start past the prompt). isolation
+    "none" adds `paraphrases_see_each_other` (the ablation); "full" is the method."""
     from torch.nn.attention.flex_attention import and_masks, or_masks
     row_len = segment_ids.shape[1]
     flat = segment_ids.flatten()  # compiled flex handles 1D lookups (2D captured tensors crashed on CPU)
@@ -115,7 +137,14 @@ def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor) -> MaskM
         """Every token sees itself, padding included (a row of -inf would give NaN)."""
         return kv_idx == q_idx + q_offset
 
-    visible = or_masks(key_in_prefix, same_segment, fused_query, earlier_block, example_answer)
+    def paraphrases_see_each_other(b, h, q_idx, kv_idx):
+        """--isolation none: a paraphrase token sees the earlier paraphrase tokens of its own block, as in one
+        plain causal sequence (upstream's -n); the causal rule it is combined with keeps the future out."""
+        q, kv = q_segment(b, q_idx), kv_segment(b, kv_idx)
+        return paraphrase_tokens(q) & paraphrase_tokens(kv) & (segment_block(q) == segment_block(kv))
+
+    rules = [key_in_prefix, same_segment, fused_query, earlier_block, example_answer]
+    visible = or_masks(*rules, *([paraphrases_see_each_other] if isolation == "none" else []))
     return or_masks(and_masks(causal, key_not_padding, visible), self_token)
 
 
@@ -140,13 +169,26 @@ def fusion_score_mod(segment_ids: torch.Tensor, key_scale: torch.Tensor, key_bia
     return score_mod
 
 
+def score_segments(segment_ids: torch.Tensor, isolation: str) -> torch.Tensor:
+    """The segment ids the score changes compare (`fused_key_score`'s q_seg != kv_seg): the ids themselves, or
+    with isolation none every paraphrase of a block under its block's first id, so that paraphrases reading one
+    another keep their plain scores (one causal sequence) and only a block's readers (the answer, a later
+    block) get the bias and 1/T, as with full isolation."""
+    if isolation == "full":
+        return segment_ids
+    return torch.where(paraphrase_tokens(segment_ids), segment_ids - segment_ids % SHOT_STRIDE + 1, segment_ids)
+
+
 def segment_biases(n: int, mode: str, weights: list[float] | None = None) -> list[float]:
-    """Score bias per paraphrase segment: none 0; uniform -log N; confidence log(normalised confidence)."""
+    """Score bias per paraphrase segment: none 0; uniform -log N; confidence log(normalised confidence); a
+    number B: B on every paraphrase (log of APE's scale S; uniform is B = -log N)."""
     if mode == "none":
         return [0.0] * n
     if mode == "uniform":
         return [-math.log(n)] * n
-    return [math.log(max(w, 1e-6)) for w in weights]
+    if mode == "confidence":
+        return [math.log(max(w, 1e-6)) for w in weights]
+    return [float(mode)] * n
 
 
 # ---------------------------------------------------------------- renderings of the one rule
@@ -178,10 +220,10 @@ def dense_score_scale(segment_ids: torch.Tensor, key_scale: torch.Tensor, q_offs
                            0.0)
 
 
-def allowed_matrix(segment_ids: list[int]) -> torch.Tensor:
+def allowed_matrix(segment_ids: list[int], isolation: str = "full") -> torch.Tensor:
     """[L, L] bool, True where query (row) may attend to key (column): the dense rendering itself."""
     seg = torch.tensor([segment_ids])
-    mask_mod = segment_mask_mod(seg, torch.tensor(0))
+    mask_mod = segment_mask_mod(seg, torch.tensor(0), isolation)
     return build_dense_mask(mask_mod, 1, len(segment_ids), len(segment_ids), "cpu", torch.float32)[0, 0] == 0
 
 
@@ -247,15 +289,38 @@ def dense_fused_attention(module, query, key, value, attention_mask, scaling=Non
 
 
 ATTENTION_FUNCTIONS = {FLEX_ATTENTION: fused_flex_attention, DENSE_ATTENTION: dense_fused_attention}
+RECORDING = "_recording"  # appended to an implementation's name: the same attention, recording attention shares
+
+
+def recording(attend: Callable) -> Callable:
+    """An AttentionInterface function computing exactly what `attend` computes (the same call, so no token can
+    change) that also hands each layer's queries and keys to the forward's `attention_shares`."""
+    def recorded(module, query, key, value, attention_mask, attention_shares=None, **kwargs):
+        if attention_shares is None:  # never leave a token unrecorded without a word
+            raise RuntimeError("a recording attention implementation needs `attention_shares` from SegmentMask")
+        attention_shares.add(query, key, kwargs.get("scaling"))
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    return recorded
+
+
+@lru_cache(maxsize=None)
+def attention_function(name: str) -> Callable | None:
+    """The function we register as implementation `name`: one of ATTENTION_FUNCTIONS, or one of those or sdpa
+    with RECORDING appended; None for transformers' own (sdpa)."""
+    if not name.endswith(RECORDING):
+        return ATTENTION_FUNCTIONS.get(name)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return recording(attention_function(name.removesuffix(RECORDING)) or sdpa_attention_forward)
 
 
 @contextmanager
 def attention_implementation(model, name: str) -> Iterator[None]:
     """Run a block under attention implementation `name` (sdpa, or one of ours), then switch back."""
     previous = model.config._attn_implementation
-    if name in ATTENTION_FUNCTIONS:
+    function = attention_function(name)
+    if function is not None:
         from transformers import AttentionInterface
-        AttentionInterface.register(name, ATTENTION_FUNCTIONS[name])  # a registry entry, idempotent
+        AttentionInterface.register(name, function)  # a registry entry, idempotent
     if previous != name:
         model.set_attn_implementation(name)
     try:
@@ -265,6 +330,71 @@ def attention_implementation(model, name: str) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
+# ---------------------------------------------------------------- attention shares (--record-attention)
+
+def share_columns(segment_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T, N+2] one-hot: each key's column of the share. 0 the prefix (instruction and few-shot examples,
+    fused ones included), 1..N the question's paraphrases, N+1 the suffix and generated tokens; padding none."""
+    column = torch.where((segment_ids >= 1) & (segment_ids <= n), segment_ids, 0)
+    column = torch.where(segment_ids == FUSED_SEGMENT, n + 1, column).long()
+    return torch.nn.functional.one_hot(column, n + 2).float() * (segment_ids != PAD_SEGMENT)[..., None]
+
+
+def question_paraphrases(segment_ids: torch.Tensor) -> int:
+    """N: the largest segment id of a question's paraphrase in the rows."""
+    return int(torch.where(segment_ids < SHOT_STRIDE, segment_ids, 0).max().clamp(min=0))
+
+
+class AttentionShares:
+    """Each generated token's attention share: the attention mass of the query that chose it (the prompt's last
+    token, then each decode step's token) on the prefix, on each of the question's N paraphrases and on the
+    suffix plus generated tokens: N+2 numbers summing to 1, per layer, averaged over heads. Recomputed from each
+    layer's queries and keys under the dense rendering of the decode's own rule (mask, bias, 1/T), the same
+    probabilities SDPA and FlexAttention compute. Kept per row of the batch, rows that finish early included."""
+
+    def __init__(self, segment_ids: torch.Tensor, n: int):
+        self.columns = share_columns(segment_ids, n)
+        self.rows = torch.arange(len(segment_ids))  # the batch row each live row is
+        self.rule: dict = {}  # the current query row's dense rule: attention_mask [B, 1, 1, kv], fusion_scale?
+        self.layers: list[torch.Tensor] = []  # the current forward's [B, N+2], one per layer
+        self.history: list[list[torch.Tensor]] = [[] for _ in range(len(segment_ids))]  # per row: [layers, N+2]
+
+    def next_query(self, rule: dict) -> None:
+        """The next forward records the query row whose dense rule this is."""
+        self.flush()
+        self.rule = rule
+
+    def add(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        """One layer: the last query's probabilities over the keys [B, H, Q, D] x [B, H_kv, K, D], summed per
+        column and averaged over heads."""
+        q = query[:, :, -1:].float()
+        k = key.float().repeat_interleave(q.shape[1] // key.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5)
+        probs = torch.softmax(scores * self.rule.get("fusion_scale", 1.0) + self.rule["attention_mask"], dim=-1)
+        self.layers.append(torch.einsum("bk,bkc->bc", probs.mean(1)[:, 0], self.columns[:, :k.shape[2]]))
+
+    def flush(self) -> None:
+        """The last forward's layers into each live row's history."""
+        if self.layers:
+            per_layer = torch.stack(self.layers, dim=1).cpu()
+            for live, row in enumerate(self.rows.tolist()):
+                self.history[row].append(per_layer[live])
+            self.layers = []
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.flush()
+        self.rows, self.columns = self.rows[rows], self.columns[rows]
+
+    def per_layer(self, row: int) -> torch.Tensor:
+        """[generated tokens, layers, N+2] of batch row `row`."""
+        self.flush()
+        return torch.stack(self.history[row])
+
+    def shares(self, row: int) -> list[list[float]]:
+        """Batch row `row`'s share per generated token, averaged over layers: the `attention_share` column."""
+        return self.per_layer(row).mean(dim=1).tolist()
+
+
 # ---------------------------------------------------------------- the renderer the decode loop uses
 
 class SegmentMask:
@@ -272,12 +402,14 @@ class SegmentMask:
     decode's mask (prompt plus max_new_tokens) is rendered once per batch; each decode step takes its query
     row from it. biases [B, N]: each paraphrase's score bias for the queries that read it (the answer), or
     None (no bias); few-shot examples' paraphrases get -log N whenever there is a bias; scores on paraphrase
-    keys are divided by settings.temperature. `compile_backend` other than inductor is for tests that
+    keys are divided by settings.temperature; settings.isolation none lets the paraphrases see each other;
+    settings.record_attention keeps each generated token's `AttentionShares` over `paraphrases` (N; default:
+    the largest question paraphrase segment id). `compile_backend` other than inductor is for tests that
     count compiles."""
 
     def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, settings: "FusionSettings",
                  biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 compile_backend: str | Callable = "inductor"):
+                 compile_backend: str | Callable = "inductor", paraphrases: int | None = None):
         rows, self.length = segment_ids.shape
         self.total = self.length + max_new_tokens
         # generated tokens are fused; then padding up to a whole block past the end, because
@@ -291,7 +423,11 @@ class SegmentMask:
         if settings.temperature != 1.0:
             self.key_scale = torch.where(paraphrase_tokens(self.segment_ids), 1.0 / settings.temperature, 1.0)
             self.key_bias = self.key_bias if self.key_bias is not None else torch.zeros_like(self.key_scale)
-        self.backend, self.dtype = settings.backend, dtype
+        self.backend, self.dtype, self.isolation = settings.backend, dtype, settings.isolation
+        self.score_ids = score_segments(self.segment_ids, self.isolation)
+        self.shares = None
+        if settings.record_attention:
+            self.shares = AttentionShares(self.segment_ids, paraphrases or question_paraphrases(segment_ids))
         self.flex_fn = flex_function(settings.compile, compile_backend) if self.backend == "flex" else None
         self.full: dict | None = None  # the whole decode's mask, rendered at the first step
 
@@ -306,31 +442,46 @@ class SegmentMask:
     def attention(self, model):
         """The attention implementation this mask is rendered for, for the length of one decode."""
         name = {"flex": FLEX_ATTENTION, "sdpa": DENSE_ATTENTION if self.key_scale is not None else "sdpa"}
-        return attention_implementation(model, name[self.backend])
+        return attention_implementation(model, name[self.backend] + (RECORDING if self.shares else ""))
+
+    def mask_mod(self, offset: torch.Tensor) -> MaskMod:
+        return segment_mask_mod(self.segment_ids, offset, self.isolation)
 
     def render(self, q_offset: int, q_len: int, kv_len: int) -> dict:
         """The forward kwargs for queries [q_offset, q_offset + q_len) over keys [0, kv_len)."""
+        if self.backend == "sdpa":
+            return self.render_dense(q_offset, q_len, kv_len, self.dtype)
         seg = self.segment_ids
         offset = torch.tensor(q_offset, device=seg.device)  # a tensor, so compiled flex does not recompile
-        mask_mod = segment_mask_mod(seg, offset)
-        if self.backend == "sdpa":
-            out = {"attention_mask": build_dense_mask(mask_mod, len(seg), q_len, kv_len, seg.device, self.dtype,
-                                                      seg, self.key_bias, q_offset)}
-            if self.key_scale is not None:
-                out["fusion_scale"] = dense_score_scale(seg, self.key_scale, q_offset, q_len, kv_len)
-            return out
-        return {"attention_mask": build_block_mask(mask_mod, len(seg), q_len, kv_len, seg.device),
+        return {"attention_mask": build_block_mask(self.mask_mod(offset), len(seg), q_len, kv_len, seg.device),
                 "fusion_score_mod": self.score_mod(offset), "flex_fn": self.flex_fn}
+
+    def render_dense(self, q_offset: int, q_len: int, kv_len: int, dtype: torch.dtype) -> dict:
+        """The dense rendering: the additive mask with the bias, and the 1/T factors when there is a temperature."""
+        seg = self.segment_ids
+        mask_mod = self.mask_mod(torch.tensor(q_offset, device=seg.device))
+        out = {"attention_mask": build_dense_mask(mask_mod, len(seg), q_len, kv_len, seg.device, dtype,
+                                                  self.score_ids, self.key_bias, q_offset)}
+        if self.key_scale is not None:
+            out["fusion_scale"] = dense_score_scale(self.score_ids, self.key_scale, q_offset, q_len, kv_len)
+        return out
 
     def score_mod(self, offset: torch.Tensor):
         if self.key_bias is None:
             return None
         scale = self.key_scale if self.key_scale is not None else torch.ones_like(self.key_bias)
-        return fusion_score_mod(self.segment_ids, scale, self.key_bias, offset)
+        return fusion_score_mod(self.score_ids, scale, self.key_bias, offset)
+
+    def recorded(self, kwargs: dict, q: int) -> dict:
+        """The forward kwargs, and when recording the shares of query q (the one that chooses the next token)."""
+        if self.shares is None:
+            return kwargs
+        self.shares.next_query(self.render_dense(q, 1, q + 1, torch.float32))
+        return {**kwargs, "attention_shares": self.shares}
 
     def prefill(self, cached: int = 0) -> dict:
         """The prompt's queries (those after `cached` tokens already in the KV cache) over the prompt."""
-        return self.render(cached, self.length - cached, self.length)
+        return self.recorded(self.render(cached, self.length - cached, self.length), self.length - 1)
 
     def step(self) -> dict:
         """The next generated token's query row, sliced from the whole decode's mask."""
@@ -339,18 +490,20 @@ class SegmentMask:
             self.full = self.render(0, self.total, self.total)
         q = self.length - 1
         if self.backend == "sdpa":
-            return {name: full[:, :, q:q + 1, :self.length] for name, full in self.full.items()}
+            return self.recorded({name: full[:, :, q:q + 1, :self.length] for name, full in self.full.items()}, q)
         block = self.full["attention_mask"][:, :, q // BLOCK_SIZE:q // BLOCK_SIZE + 1]
         for name in BLOCK_MASK_TENSORS:  # views of the full mask: copied, so compiled flex sees the same strides
             if getattr(block, name) is not None:
                 setattr(block, name, getattr(block, name).contiguous())
         offset = torch.tensor(q, device=self.segment_ids.device)
-        block.mask_mod = segment_mask_mod(self.segment_ids, offset)  # partial blocks: this query's row
+        block.mask_mod = self.mask_mod(offset)  # partial blocks: this query's row
         block.seq_lengths = (1, self.length)
-        return {**self.full, "attention_mask": block, "fusion_score_mod": self.score_mod(offset)}
+        return self.recorded({**self.full, "attention_mask": block, "fusion_score_mod": self.score_mod(offset)}, q)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.segment_ids = self.segment_ids[rows]
+        self.segment_ids, self.score_ids = self.segment_ids[rows], self.score_ids[rows]
+        if self.shares is not None:
+            self.shares.select(rows)
         if self.key_bias is not None:
             self.key_bias = self.key_bias[rows]
         if self.key_scale is not None:
@@ -385,12 +538,12 @@ def segment_char(segment_id: int) -> str:
     return PARAPHRASE_CHARS[local - 1] if local <= len(PARAPHRASE_CHARS) else "+"
 
 
-def draw_mask(segment_ids: list[int], max_columns: int = 80, fold_prefix: bool = False) -> str:
+def draw_mask(segment_ids: list[int], max_columns: int = 80, fold_prefix: bool = False, isolation: str = "full") -> str:
     """The mask as characters: a cell shows the segment of the key it may attend to, '.' none.
     Longer rows are downsampled: one cell covers step x step tokens and shows its first visible key.
     fold_prefix: the prefix's keys drawn as one column and its own (plain causal) rows left out, so a long
     instruction and few-shot prefix does not push the paraphrases off the screen."""
-    allowed = allowed_matrix(segment_ids).numpy()
+    allowed = allowed_matrix(segment_ids, isolation).numpy()
     chars = [segment_char(s) for s in segment_ids]
     prefix = [i for i, s in enumerate(segment_ids) if s == PREFIX_SEGMENT]
     if fold_prefix and len(prefix) > 1:

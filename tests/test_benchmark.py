@@ -17,7 +17,7 @@ METHODS = {"single_generate", "upstream_nocache", "logit_avg", "attn_sdpa", "att
 
 
 def write_data(path: Path) -> None:
-    """5 few-shot rows and 3 questions with 4 paraphrases each (fewer than the N=6 of the sweep)."""
+    """5 few-shot rows and 3 questions with 4 paraphrases each (fewer than the N=6 and N=50 of the sweep)."""
     rows = [{"uuid": f"t{i}", "paraphrases": [f"train question {i}?"], "answers": [f"a{i}"], "split": "train"}
             for i in range(5)]
     for i, (q, a) in enumerate([("what is the capital of france?", "Paris"), ("who wrote hamlet?", "Shakespeare"),
@@ -33,7 +33,7 @@ def bench_run(tmp_path_factory):
     data, out = tmp / "data.jsonl", tmp / "out"
     write_data(data)
     cmd = [sys.executable, str(BENCH), "--quick", "--model", "tiny-llama", "--dataset", "jsonl", "--data-file", str(data),
-           "--questions", str(QUESTIONS), "--n", str(N), "--sweep-n", "1,6", "--large-batch", "2",
+           "--questions", str(QUESTIONS), "--n", str(N), "--sweep-n", "1,6,50", "--large-batch", "2",
            "--max-new-tokens", str(MAX_NEW), "--device", "cpu", "--no-compile", "--output-dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -56,10 +56,14 @@ def test_table_has_every_method_and_the_sweeps(bench_run):
         assert num(row, "s_per_q") > 0 and num(row, "peak_rss_mb") > 0
     assert f"exactly {MAX_NEW} new tokens" in stdout
     assert "N=6" in stdout and "cyclically" in stdout  # 4 paraphrases stored, N=6 repeats them
+    assert {"logit_avg_n50", "attn_sdpa_n50"} <= set(rows)
     for name in ("single_generate", "upstream_nocache", "logit_avg", "attn_sdpa"):
         assert name in stdout
     assert (out / "bench_ensemble.md").read_text().count("| upstream_nocache |") == 1
-    assert (out / "bench_ensemble.json").is_file()
+    # the ratios the README's targets are read against, with no verdict: the targets are not in the code
+    ratios = json.loads((out / "bench_ensemble.json").read_text())["ratios"]
+    assert any(line.startswith("attn_sdpa [median]: ") and "faster than (2)" in line for line in ratios)
+    assert "batch 2: " in " ".join(ratios) and "MET" not in stdout and "MISSED" not in stdout
 
 
 def test_every_method_decodes_the_same_number_of_tokens(bench_run):
@@ -101,3 +105,14 @@ def test_upstream_reruns_everything_and_ours_does_not(bench_run):
     assert num(rows["attn_sdpa_n6"], "prefill_tok_per_q") < num(rows["logit_avg_n6"], "prefill_tok_per_q")
     assert num(rows["logit_avg_n1"], "decode_tok_per_q") == num(single, "decode_tok_per_q")
     assert num(rows["logit_avg_n1"], "prefill_tok_per_q") == num(single, "prefill_tok_per_q") - saved
+
+
+def test_n_above_the_stored_paraphrases_cycles_them(bench_run):
+    """--sweep-n 50 with 4 paraphrases stored: 50 rows per question for logit fusion, one fused row (of 50
+    paraphrases) for attention fusion, and more prompt tokens than at N=6."""
+    stdout, rows, _ = bench_run
+    assert "N=50 repeats them cyclically (p1..p4, p1, ...)" in stdout
+    assert num(rows["logit_avg_n50"], "decode_tok_per_q") == 50 * (MAX_NEW - 1)
+    assert num(rows["attn_sdpa_n50"], "decode_tok_per_q") == MAX_NEW - 1
+    assert num(rows["attn_sdpa_n50"], "forwards_per_q") == MAX_NEW
+    assert num(rows["attn_sdpa_n50"], "prefill_tok_per_q") > 5 * num(rows["attn_sdpa_n6"], "prefill_tok_per_q")

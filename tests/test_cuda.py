@@ -21,7 +21,8 @@ from torch._dynamo.utils import counters
 
 from conftest import FEW_SHOT, QUESTIONS
 from dataset import Dataset, Record
-from decoding import StopRule, decode, fused_row, greedy, pad_left, prefill
+from decoding import LanguageModel, StopRule, decode, fused_row, greedy, pad_left, prefill
+from fusion import FusionSettings
 from inspect_fusion import isolation_diffs, layer_diff, plain_prefill, segments_of, take, tolerance
 from models import shaped_model, tiny_model
 from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, segment_biases
@@ -34,12 +35,13 @@ LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 LEAK = 0.1  # a paraphrase seeing another moves its K/V by tens of percent; rounding by far less
 
 
-def cuda_model(name: str):
-    """(model, tokenizer) on the GPU: a tiny model as tiny_model builds it, or the 3B shape in bf16."""
+def cuda_model(name: str) -> LanguageModel:
+    """The model on the GPU, with its tokenizer and prefix cache: a tiny model as tiny_model builds it, or
+    the 3B shape in bf16."""
     if name.startswith("tiny-"):
         model, tokenizer = tiny_model(name.removeprefix("tiny-"))
-        return model.to("cuda"), tokenizer
-    return shaped_model(name, torch.bfloat16, "cuda")
+        return LanguageModel(model.to("cuda"), tokenizer)
+    return LanguageModel(*shaped_model(name, torch.bfloat16, "cuda"))
 
 
 cached_model = functools.lru_cache(maxsize=None)(cuda_model)
@@ -57,6 +59,13 @@ def uniform(batch: int, n: int, device: torch.device) -> torch.Tensor:
 
 def fixed_length(max_new: int = MAX_NEW) -> StopRule:
     return StopRule(set(), max_new, first_line_only=False)
+
+
+def renderer(model, biases: torch.Tensor, backend: str, compile_backend="inductor"):
+    """decode()'s renderer: SegmentMask with the given bias, on `backend` (flex compiled)."""
+    settings = FusionSettings(backend=backend, compile=backend == "flex")
+    return functools.partial(SegmentMask, settings=settings, biases=biases, dtype=model.dtype,
+                             compile_backend=compile_backend)
 
 
 class Recorder:
@@ -119,7 +128,7 @@ class EarlyStops:
         return torch.where(stops, torch.full_like(tokens, STOP_ID), tokens)
 
 
-def run_batches(model, tokenizer, records: list[Record], sizes: list[int], backend: str, max_new: int = 6,
+def run_batches(lm: LanguageModel, records: list[Record], sizes: list[int], backend: str, max_new: int = 6,
                 compile_backend="inductor") -> list[list[int]]:
     """Batches of the given sizes through the fused decode loop (N=3, the uniform bias: the default score_mod),
     with early stops."""
@@ -128,11 +137,9 @@ def run_batches(model, tokenizer, records: list[Record], sizes: list[int], backe
     outputs = []
     for size in sizes:
         batch, records = records[:size], records[size:]
-        rows = [fused_row(tokenizer, ds.prompt_parts(r, 3)) for r in batch]
-        biases = uniform(len(batch), 3, model.device)
-        kwargs = dict(backend=backend, biases=biases, dtype=model.dtype, compile=backend == "flex",
-                      compile_backend=compile_backend)
-        outputs += decode(model, tokenizer, rows, 1, EarlyStops(), stop, SegmentMask, kwargs)[0]
+        rows = [fused_row(lm.tokenizer, ds.prompt_parts(r, 3)) for r in batch]
+        mask = renderer(lm.model, uniform(len(batch), 3, lm.device), backend, compile_backend)
+        outputs += decode(lm, rows, 1, EarlyStops(), stop, mask)[0]
     return outputs
 
 
@@ -143,10 +150,10 @@ def test_graph_counter_counts_what_dynamo_compiles():
     must agree with a CompileCounter backend over a batch of 2 and a batch of 1."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
-    model, tokenizer = tiny_model("llama")
+    lm = LanguageModel(*tiny_model("llama"))
     counter = CompileCounter()
     before = graphs()
-    outputs = run_batches(model, tokenizer, questions(0, 3), [2, 1], "flex", 3, counter)
+    outputs = run_batches(lm, questions(0, 3), [2, 1], "flex", 3, counter)
     assert graphs() - before == counter.frame_count > 0
     assert [len(t) for t in outputs] == [2, 3, 2]  # question 0 of each batch stops at its 2nd token
 
@@ -168,7 +175,10 @@ def test_gpu_check_dry_run(tmp_path):
         assert equal == total == rows[("attn_sdpa", b)]["questions"] > 0
         # attention level runs the shared prefix once: fewer prompt tokens than N separate prompts
         assert rows[("attn_sdpa", b)]["prefill_tok_per_q"] < rows[("logit_avg", b)]["prefill_tok_per_q"]
-    assert {t["name"] for t in result["targets"]} >= {"graphs compiled after warm-up"}
+    readings = {t["name"]: t["value"] for t in result["readings"]}  # the targets are in benchmarks/README.md
+    assert readings["graphs compiled after warm-up"] is None  # eager flex: no inductor graphs to count
+    assert readings["attn_sdpa throughput logit_avg ratio at batch 2"] == rows[("attn_sdpa", 2)]["x_vs_logit_avg"]
+    assert all(set(t) == {"name", "value"} for t in result["readings"])  # readings only, no verdict
     assert "s/question" in proc.stdout and str(out) in proc.stdout
 
 
@@ -196,26 +206,24 @@ class TestCuda:
     def test_compiled_flex_matches_sdpa(self, name):
         """Prefill logits of a padded batch of 3 questions (N=3, uniform bias) within tolerance; decoding:
         greedy tokens equal up to a near-tie and every step's logits within tolerance, teacher-forced."""
-        model, tokenizer = cached_model(name)
-        ds = dataset()
-        rows = [fused_row(tokenizer, ds.prompt_parts(r, 3)) for r in ds.records]
+        lm = cached_model(name)
+        model, ds = lm.model, dataset()
+        rows = [fused_row(lm.tokenizer, ds.prompt_parts(r, 3)) for r in ds.records]
         biases = uniform(3, 3, model.device)
         tol = LOGIT_TOL[model.dtype]
-        ids, pos, seg = pad_left(rows, tokenizer.pad_token_id, model.device)
+        ids, pos, seg = pad_left(rows, lm.tokenizer.pad_token_id, model.device)
         prefill_logits = {}
         for backend in ("sdpa", "flex"):
-            mask = SegmentMask(seg, MAX_NEW, backend, biases, dtype=model.dtype, compile=backend == "flex")
+            mask = renderer(model, biases, backend)(seg, MAX_NEW)
             with mask.attention(model):
                 prefill_logits[backend] = prefill(model, ids, pos, mask.prefill(), logits_to_keep=0)[0]
         real = seg != PAD_SEGMENT
         assert relative(prefill_logits["flex"][real], prefill_logits["sdpa"][real]) <= tol
-        kwargs = dict(biases=biases, dtype=model.dtype)
         ref = Recorder()
-        ref_tokens, _ = decode(model, tokenizer, rows, 1, ref, fixed_length(), SegmentMask, dict(backend="sdpa", **kwargs))
-        free = decode(model, tokenizer, rows, 1, greedy, fixed_length(), SegmentMask,
-                      dict(backend="flex", compile=True, **kwargs))[0]
+        ref_tokens, _ = decode(lm, rows, 1, ref, fixed_length(), renderer(model, biases, "sdpa"))
+        free = decode(lm, rows, 1, greedy, fixed_length(), renderer(model, biases, "flex"))[0]
         forced = Recorder(ref_tokens)
-        decode(model, tokenizer, rows, 1, forced, fixed_length(), SegmentMask, dict(backend="flex", compile=True, **kwargs))
+        decode(lm, rows, 1, forced, fixed_length(), renderer(model, biases, "flex"))
         check_greedy(ref_tokens, ref.logits, free, forced.logits, tol, f"{name} flex vs sdpa")
         if model.dtype == torch.float32:
             assert free == ref_tokens
@@ -223,8 +231,8 @@ class TestCuda:
 
     def test_one_paraphrase_equals_generate(self, name):
         """N=1 attention level with compiled flex against transformers' greedy `generate` of the same prompt."""
-        model, tokenizer = cached_model(name)
-        ds = dataset()
+        lm = cached_model(name)
+        model, tokenizer, ds = lm.model, lm.tokenizer, dataset()
         rows = [fused_row(tokenizer, ds.prompt_parts(ds.records[0], 1))]
         ids = torch.tensor([rows[0].input_ids], device=model.device)
         with torch.inference_mode():
@@ -234,10 +242,10 @@ class TestCuda:
         ref_tokens = [out.sequences[0, ids.shape[1]:].tolist()]
         assert len(ref_tokens[0]) == MAX_NEW
         ref_logits = [step.float().cpu() for step in out.logits]
-        kwargs = dict(backend="flex", compile=True, dtype=model.dtype, biases=uniform(1, 1, model.device))
-        free = decode(model, tokenizer, rows, 1, greedy, fixed_length(), SegmentMask, kwargs)[0]
+        mask = renderer(model, uniform(1, 1, model.device), "flex")
+        free = decode(lm, rows, 1, greedy, fixed_length(), mask)[0]
         forced = Recorder(ref_tokens)
-        decode(model, tokenizer, rows, 1, forced, fixed_length(), SegmentMask, kwargs)
+        decode(lm, rows, 1, forced, fixed_length(), mask)
         check_greedy(ref_tokens, ref_logits, free, forced.logits, LOGIT_TOL[model.dtype], f"{name} N=1 vs generate")
         if model.dtype == torch.float32:
             assert free == ref_tokens
@@ -246,13 +254,13 @@ class TestCuda:
     def test_each_paraphrase_is_encoded_as_if_alone(self, name, compiled):
         """Each paraphrase's K/V after the fused prefill through flex against prefix + that paraphrase run alone
         (plain causal SDPA). The prefix, the same computation in both runs, gives the rounding floor."""
-        model, tokenizer = cached_model(name)
-        ds = dataset()
-        row = fused_row(tokenizer, ds.prompt_parts(ds.records[1], 3))
+        lm = cached_model(name)
+        model, ds = lm.model, dataset()
+        row = fused_row(lm.tokenizer, ds.prompt_parts(ds.records[1], 3))
         if compiled:
             diffs = compiled_isolation_diffs(model, row)
         else:
-            diffs = isolation_diffs(model, row, "flex")
+            diffs = isolation_diffs(model, row, FusionSettings(backend="flex"))
         floor = max(d.rel for d in diffs["prefix"])
         limit = min(max(tolerance(model.dtype), 4 * floor), LEAK)
         worst = {seg: max(d.rel for d in layers) for seg, layers in diffs.items() if seg != "prefix"}
@@ -264,25 +272,25 @@ class TestCuda:
         lengths afterwards compile none. Run last for each model: it clears dynamo's caches."""
         if name in ("tiny-qwen2", "tiny-qwen3"):
             pytest.skip("the same attention shapes as tiny-llama, counted there")
-        model, tokenizer = cached_model(name)
+        lm = cached_model(name)
         first, later = questions(0, 11), questions(20, 9)
         torch._dynamo.reset()
         before = graphs()
-        compiled = run_batches(model, tokenizer, first, [4, 4, 2, 1], "flex")
+        compiled = run_batches(lm, first, [4, 4, 2, 1], "flex")
         warm = graphs() - before
         assert 0 < warm <= 4
-        compiled += run_batches(model, tokenizer, later, [5, 3, 1], "flex")
+        compiled += run_batches(lm, later, [5, 3, 1], "flex")
         assert graphs() - before == warm, "recompiled after warm-up"
         assert {len(t) for t in compiled} == {2, 4, 6}  # early stops happened
-        if model.dtype == torch.float32:
-            reference = run_batches(model, tokenizer, first, [4, 4, 2, 1], "sdpa")
+        if lm.model.dtype == torch.float32:
+            reference = run_batches(lm, first, [4, 4, 2, 1], "sdpa")
             assert compiled[:len(first)] == reference
 
 
 def compiled_isolation_diffs(model, row) -> dict:
     """inspect_fusion.isolation_diffs with the fused prefill through compiled flex (the CUDA default)."""
     ids, pos, seg = pad_left([row], 0, model.device)
-    mask = SegmentMask(seg, 0, "flex", uniform(1, 3, model.device), dtype=model.dtype, compile=True)
+    mask = renderer(model, uniform(1, 3, model.device), "flex")(seg, 0)
     with mask.attention(model):
         fused = prefill(model, ids, pos, mask.prefill())[1]
     prefix = [i for i, s in enumerate(row.segment_ids) if s == PREFIX_SEGMENT]

@@ -3,7 +3,6 @@ resumes where it stopped), merged at the end into `<name>.feather` plus a readab
 scored, and written atomically, readable as the umask says, under a lock while a process writes them."""
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import functools
@@ -112,14 +111,6 @@ def provenance(model_name: str, device_map: str | None, model) -> dict:
             "device_map": device_map,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "dtype": str(model.dtype).removeprefix("torch.")}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """The scripts' argparse: a bad flag is reported in one line (naming --help) with exit code 2, like
-    every other bad input, instead of the usage block."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def current_umask() -> int:

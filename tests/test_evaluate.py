@@ -11,6 +11,7 @@ import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWERS = {"q1": ["Paris"], "q2": ["Jamaican English"]}
+REPORT_FILES = ("report.md", "report.csv", "report.png", "report.pdf", "gain.md", "gain.csv", "questions.csv")
 
 
 def _table(method, n, uuids, predictions, seconds, tokens, paraphrase_index=None, **extra):
@@ -68,9 +69,8 @@ def results_dir(tmp_path):
 
 def test_build_report_numbers(results_dir):
     report = evaluate.build_report(results_dir)[0].set_index("method")
-    assert list(report.index) == [
-        "per_prompt", "avg", "flex_attention[aligned,sdpa]", "flex_attention[aligned,sdpa,none]",
-    ]
+    # short labels: only settings that differ from the defaults (aligned = left; attn_backend never)
+    assert list(report.index) == ["per_prompt", "avg", "vote", "vote", "flex_attention", "flex[bias_none]"]
     pp = report.loc["per_prompt"]
     assert pp["N"] == 3 and pp["questions"] == 2
     assert pp["exact"] == pytest.approx(1 / 6)
@@ -90,14 +90,14 @@ def test_build_report_numbers(results_dir):
     assert avg["tokens/question"] == pytest.approx(6.0)
     assert avg[["mean", "best", "oracle"]].isna().all()
 
-    flex = report.loc["flex_attention[aligned,sdpa,none]"]
+    flex = report.loc["flex[bias_none]"]
     assert (flex["N"], flex["questions"]) == (3, 2)
     assert flex["exact"] == pytest.approx(0.5)
     assert flex["partial"] == pytest.approx(0.5)
     assert flex["seconds/question"] == pytest.approx(2.0)
     assert flex["tokens/question"] == pytest.approx(3.0)
 
-    flex2 = report.loc["flex_attention[aligned,sdpa]"]
+    flex2 = report.loc["flex_attention"]
     assert (flex2["N"], flex2["questions"], flex2["partial"]) == (2, 1, 1.0)
 
 
@@ -127,7 +127,7 @@ def test_main_writes_report_files(results_dir, capsys):
 def test_output_dir(results_dir, tmp_path):
     out = tmp_path / "out" / "nested"
     assert evaluate.main(["--results-dir", str(results_dir), "--output-dir", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.png"}
+    assert {p.name for p in out.iterdir()} == set(REPORT_FILES)
     assert not (results_dir / "report.md").exists()
 
 
@@ -183,14 +183,14 @@ def test_a_folder_with_every_kind_of_file_reports_only_result_tables(tmp_path):
     from confidence import confidences
     from conftest import cached_tiny
     from dataset import Dataset, Record
-    from decoding import StopRule, eos_ids
+    from decoding import LanguageModel, StopRule, eos_ids
 
     out = tmp_path / "run"
     assert generate.main(["--model", "tiny-llama", "--limit", "2", "--max-new-tokens", "2", "--no-progress",
                           "--method", "per_prompt", "--num_ensemble", "3", "--output-dir", str(out)]) == 0
     model, tokenizer = cached_tiny("llama")
     dataset = Dataset("test", "qa", [Record("q1", ["p0?", "p1?"], ["a"])], [])
-    confidences(model, tokenizer, dataset, dataset.records, 2, 2, StopRule(eos_ids(model, tokenizer), 2), out,
+    confidences(LanguageModel(model, tokenizer), dataset, dataset.records, 2, 2, StopRule(eos_ids(model, tokenizer), 2), out,
                 model_name="tiny-llama")
     pd.DataFrame({"uuid": ["q1"], "paraphrase_index": [0], "paraphrase": ["p"], "greedy": ["a"], "samples": [10],
                   "confidence": [0.5]}).to_feather(out / "confidence.feather")
@@ -219,7 +219,7 @@ def test_reports_are_readable_as_the_umask_says(results_dir, tmp_path):
     finally:
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir()} == {
-        "report.md": 0o640, "report.csv": 0o640, "report.png": 0o640}
+        name: 0o640 for name in REPORT_FILES}
 
 
 def test_intervals_paired_differences_and_oracle_gap(tmp_path):
@@ -254,3 +254,262 @@ def test_agreement_counts_equal_pairs():
     agree = evaluate.agreement(pp, 3)
     assert agree["a"] == pytest.approx(1 / 3) and agree["b"] == 0.0
     assert evaluate.agreement(pp, 2)["a"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- vote, gain, files
+
+def _pp(answers: dict, predictions: dict, partial: dict | None = None, **extra) -> pd.DataFrame:
+    """A per_prompt table: predictions[uuid] lists the single answers by paraphrase index; unscored unless
+    `partial` gives the scores (exact = partial then)."""
+    rows = [{"uuid": u, "answers": answers[u], "prediction": p, "seconds": 1.0 + i, "new_tokens": 1 + i,
+             "method": "per_prompt", "num_ensemble": len(preds), "paraphrase_index": i,
+             "paraphrases": [f"{u} phrased {i}"], **{k: v[u][i] for k, v in extra.items()}}
+            for u, preds in predictions.items() for i, p in enumerate(preds)]
+    df = pd.DataFrame(rows)
+    if partial is not None:
+        df["partial"] = df["exact"] = [partial[u][i] for u, preds in predictions.items() for i in range(len(preds))]
+    return df
+
+
+def _ensemble(method: str, n: int, answers: dict, predictions: dict, right: dict | None = None,
+              **extra) -> pd.DataFrame:
+    """An ensemble table, one row per (uuid, prediction); `right` gives the scores (else scored)."""
+    rows = [{"uuid": u, "answers": answers[u], "prediction": p, "seconds": 1.0, "new_tokens": 2, "method": method,
+             "num_ensemble": n, "paraphrase_index": -1, "paraphrases": [f"{u} phrased {i}" for i in range(n)]}
+            for u, p in predictions.items()]
+    df = pd.DataFrame(rows)
+    for k, v in extra.items():
+        df[k] = v
+    if right is not None:
+        df["partial"] = df["exact"] = [right[u] for u in predictions]
+    return df
+
+
+def test_vote_position_majority_ties_and_empty_answers():
+    assert evaluate.vote_position(["lyon", "paris", "paris"]) == 1          # the majority, at its first place
+    assert evaluate.vote_position(["b", "a", "a", "b"]) == 0                # a tie goes to the earliest
+    assert evaluate.vote_position(["a", "b", "c"]) == 0
+    assert evaluate.vote_position(["", "", "x"]) == 2                       # empty answers do not vote...
+    assert evaluate.vote_position(["", "", ""]) == 0                        # ...unless all are empty
+
+
+def test_vote_row_normalises_follows_paraphrase_indices_and_costs(tmp_path):
+    """q1: indices (3, 1, 2) hold "Paris." / "paris" / "Lyon" -> the vote is Paris. (right); the first 3 would
+    vote Lyon (wrong). q2: indices (0, 2, 3) hold "", "Rome", "" -> Rome, not the empty answer (right).
+    Cost: the sum of the chosen single prompts' (seconds 1 + index, tokens 1 + index)."""
+    answers = {"q1": ["Paris"], "q2": ["Rome"]}
+    _pp(answers, {"q1": ["Lyon", "paris", "Lyon", "Paris."], "q2": ["", "Oslo", "Rome", ""]}).to_feather(
+        tmp_path / "per_prompt.feather")
+    _ensemble("avg", 3, answers, {"q1": "Lyon", "q2": "Oslo"}, paraphrase_indices=[[3, 1, 2], [0, 2, 3]]).to_feather(
+        tmp_path / "ensemble_avg-3.feather")
+    analysis = evaluate.analyse(tmp_path)
+    vote = next(g for g in analysis.groups if g.label == "vote")
+    assert vote.n == 3 and vote.rows.set_index("uuid")["prediction"].to_dict() == {"q1": "Paris.", "q2": "Rome"}
+    report = analysis.report.set_index("method")
+    assert report.loc["vote", "exact"] == 1.0 and report.loc["vote", "partial"] == 1.0
+    assert report.loc["vote", "seconds/question"] == pytest.approx(((4 + 2 + 3) + (1 + 3 + 4)) / 2)
+    assert report.loc["vote", "tokens/question"] == pytest.approx(((4 + 2 + 3) + (1 + 3 + 4)) / 2)
+    assert report.loc["avg", "vs_vote"] == pytest.approx(-1.0) and report.loc["avg", "vs vote"].startswith("-1.000 [")
+    assert report.loc["vote", "vs_avg"] == pytest.approx(1.0)
+    # without paraphrase_indices the first N count: q1 votes Lyon (tie of three, earliest), q2 Oslo
+    _ensemble("avg", 3, answers, {"q1": "Lyon", "q2": "Oslo"}).to_feather(tmp_path / "ensemble_avg-3.feather")
+    vote = next(g for g in evaluate.analyse(tmp_path).groups if g.label == "vote")
+    assert vote.rows.set_index("uuid")["prediction"].to_dict() == {"q1": "Lyon", "q2": "Oslo"}
+    assert not vote.rows["exact"].any()
+
+
+def _gain_dir(tmp_path):
+    """3 paraphrases, partial scores by hand. singles right: q1 none, q2 one, q3 two, q4 one; the ensemble is
+    right on q1 (new), q2 (kept), wrong on q3 (lost: 2 of 3 right) and q4 (neither)."""
+    answers = {u: ["x"] for u in ("q1", "q2", "q3", "q4")}
+    preds = {"q1": ["a", "a", "b"], "q2": ["x", "y", "z"], "q3": ["x", "x", "c d"], "q4": ["c d", "c", "x"]}
+    right = {"q1": [0, 0, 0], "q2": [1, 0, 0], "q3": [1, 1, 0], "q4": [0, 0, 1]}
+    _pp(answers, preds, {u: [bool(r) for r in v] for u, v in right.items()}).to_feather(tmp_path / "per_prompt.feather")
+    _ensemble("avg", 3, answers, {"q1": "x", "q2": "x", "q3": "c", "q4": "c"},
+              {"q1": True, "q2": True, "q3": False, "q4": False}).to_feather(tmp_path / "ensemble_avg-3.feather")
+    return tmp_path
+
+
+def test_gain_counts_consistency_jaccard_and_bins(tmp_path):
+    analysis = evaluate.analyse(_gain_dir(tmp_path))
+    gain = evaluate.gain_table(analysis).set_index("method").loc["avg"]
+    assert (gain["new"], gain["kept"], gain["lost"], gain["questions"]) == (1, 1, 1, 4)
+    assert gain["AND"] == 0.0 and gain["OR"] == pytest.approx(3 / 4)
+    assert gain["accuracy"] == 0.5 and gain["single mean"] == pytest.approx((0 + 1 / 3 + 2 / 3 + 1 / 3) / 4)
+    # equal pairs: q1 1 of 3, q2 0, q3 1 of 3, q4 0; token sets {c, d} / {c}: overlap 1/2
+    assert gain["consistency"] == pytest.approx((1 / 3 + 0 + 1 / 3 + 0) / 4)
+    assert gain["jaccard"] == pytest.approx((1 / 3 + 0 + 1 / 3 + 0.5 / 3) / 4)
+    # consistency bins: 0-0.2 holds q2 (right) and q4 (wrong), 0.2-0.4 q1 (right) and q3 (wrong)
+    assert (gain["n 0–0.2"], gain["acc 0–0.2"]) == (2, 0.5)
+    assert (gain["n 0.2–0.4"], gain["acc 0.2–0.4"]) == (2, 0.5)
+    assert gain["n 0.8–1"] == 0 and np.isnan(gain["acc 0.8–1"])
+    vote = evaluate.gain_table(analysis).set_index("method").loc["vote"]  # votes a, x (tie), x, c d (tie)
+    assert (vote["new"], vote["kept"], vote["lost"], vote["accuracy"]) == (0, 2, 0, 0.5)
+
+
+def test_sampled_runs_mean_over_samples_with_their_spread(tmp_path):
+    """Two samples per question with their own paraphrase indices: accuracy per question is the mean over its
+    samples, the spread is the std of the per-sample accuracy, and the vote follows each sample's indices."""
+    answers = {"q1": ["x"], "q2": ["x"]}
+    _pp(answers, {"q1": ["x", "y", "y"], "q2": ["y", "x", "x"]}).to_feather(tmp_path / "per_prompt.feather")
+    rows = _ensemble("avg", 2, answers, {"q1": "x", "q2": "x"})
+    rows = pd.concat([rows, rows]).assign(sample_index=[0, 0, 1, 1], prediction=["x", "x", "y", "x"],
+                                          paraphrase_indices=[[0, 1], [1, 2], [1, 2], [0, 1]])
+    rows.reset_index(drop=True).to_feather(tmp_path / "syncedsample_ensemble_avg-2paras-2samples.feather")
+    analysis = evaluate.analyse(tmp_path)
+    report = analysis.report.set_index("method")
+    assert report.loc["avg[S2]", "partial"] == pytest.approx(0.75)
+    assert report.loc["avg[S2]", "sample std"] == pytest.approx(np.std([1.0, 0.5], ddof=1))  # sample 0: 1, sample 1: .5
+    assert analysis.scores[("avg[S2]", 2)].to_dict() == {"q1": 0.5, "q2": 1.0}
+    # vote: q1 s0 (x, y) -> x, s1 (y, y) -> y; q2 s0 (x, x) -> x, s1 (y, x) -> y
+    vote = next(g for g in analysis.groups if g.label == "vote[S2]").rows
+    assert sorted(zip(vote["uuid"], vote["sample_index"], vote["prediction"])) == [
+        ("q1", 0, "x"), ("q1", 1, "y"), ("q2", 0, "x"), ("q2", 1, "y")]
+    gain = evaluate.gain_table(analysis).set_index("method").loc["avg[S2]"]
+    assert gain["samples"] == 2 and gain["kept"] == pytest.approx(1.5) and gain["accuracy"] == pytest.approx(0.75)
+
+
+def test_questions_csv_puts_disagreements_first(tmp_path):
+    answers = {u: ["x"] for u in ("q1", "q2", "q3")}
+    _pp(answers, {u: ["x", "y"] for u in answers}).to_feather(tmp_path / "per_prompt.feather")
+    _ensemble("avg", 2, answers, {"q1": "x", "q2": "x", "q3": "y"}).to_feather(tmp_path / "ensemble_avg-2.feather")
+    _ensemble("max", 2, answers, {"q1": "x", "q2": "y", "q3": "y"}).to_feather(tmp_path / "ensemble_max-2.feather")
+    assert evaluate.main(["--results-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "questions.csv", keep_default_na=False)
+    # avg, max, vote (x on every question: a tie, earliest): q2 avg right, max wrong, vote right -> 1 disagrees
+    assert table["uuid"].tolist() == ["q2", "q3", "q1"]
+    assert table["methods disagreeing"].tolist() == [1, 1, 0]
+    assert table.loc[0, "max N=2"] == "y" and table.loc[0, "max N=2 right"] == 0.0
+    assert table.loc[0, "avg N=2 right"] == 1.0 and table.loc[0, "paraphrase"] == "q2 phrased 0"
+    assert table.loc[0, "single answers"] == "x | y" and table.loc[0, "answers"] == "x"
+
+
+def test_report_csv_holds_numbers(results_dir):
+    assert evaluate.main(["--results-dir", str(results_dir)]) == 0
+    csv = pd.read_csv(results_dir / "report.csv").set_index("method")
+    assert "95% CI" not in csv.columns and "vs avg" not in csv.columns
+    numeric = ["ci_low", "ci_high", "vs_avg", "vs_avg_low", "vs_avg_high", "vs_vote", "vs_vote_low", "vs_vote_high",
+               "vs_mean", "vs_mean_low", "vs_mean_high", "model tokens/question"]
+    assert all(pd.api.types.is_float_dtype(csv[c]) for c in numeric)
+    flex = csv.loc["flex[bias_none]"]
+    assert flex["vs_avg"] == pytest.approx(-0.5) and flex["vs_avg_low"] <= -0.5 <= flex["vs_avg_high"]
+    assert flex["ci_low"] <= flex["partial"] <= flex["ci_high"]
+    assert np.isnan(csv.loc["avg", "vs_avg"]) and np.isnan(csv.loc["per_prompt", "vs_vote"])
+    md = (results_dir / "report.md").read_text()
+    assert "| flex[bias_none] | 3 | 2 | 0.500 | 0.500 | [" in md  # the readable strings stay in report.md
+
+
+def test_short_labels_and_label_map(tmp_path):
+    settings = dict(positions="right", attn_backend="flex", fusion_bias="uniform", fusion_temperature=0.7,
+                    fewshot_format="single")
+    df = pd.DataFrame([{"method": "flex_attention", **settings}, {"method": "flex_attention", **settings,
+                       "positions": "left", "fusion_temperature": 1.0, "fewshot_format": "fused"},
+                       {"method": "flex_attention", **settings, "positions": "aligned", "fusion_temperature": 1.0}])
+    assert evaluate._labels(df.assign(num_ensemble=3)) == ["flex[right,t0.7]", "flex[fewshot_fused]", "flex_attention"]
+    assert evaluate._labels(pd.DataFrame({"method": ["avg"], "num_ensemble": [2], "sample_index": [0],
+                                          "paraphrase_indices": [[1, 1]]})) == ["avg[S1,repeat]"]
+    answers = {"q1": ["x"]}
+    _ensemble("flex_attention", 3, answers, {"q1": "x"}, **{k: [v] for k, v in settings.items()}).to_feather(
+        tmp_path / "flex_attention-3-right-t0.7.feather")
+    assert evaluate.main(["--results-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| flex[right,t0.7] | flex_attention | right | uniform | 0.7 | single | flex | first N | 3 |" in md
+
+
+def _figure(tmp_path, ns):
+    """Per_prompt with 5 paraphrases and avg / flex_attention at each N; scores by hand."""
+    uuids = [f"q{i}" for i in range(8)]
+    answers = {u: ["x"] for u in uuids}
+    preds = {u: ["x" if (i + j) % 3 else "y" for j in range(5)] for i, u in enumerate(uuids)}
+    scores = {u: [p == "x" for p in v] for u, v in preds.items()}
+    _pp(answers, preds, scores).to_feather(tmp_path / "per_prompt.feather")
+    for n in ns:
+        for method, name in (("avg", f"ensemble_avg-{n}"), ("flex_attention", f"flex_attention-{n}")):
+            right = {u: (i + n + len(method)) % 4 != 0 for i, u in enumerate(uuids)}
+            _ensemble(method, n, answers, {u: "x" if r else "y" for u, r in right.items()}, right,
+                      prompt_tokens=10 * n, decode_tokens=3).to_feather(tmp_path / f"{name}.feather")
+    analysis = evaluate.analyse(tmp_path)
+    return analysis, {ax.get_label(): ax for ax in evaluate.report_figure(analysis).axes}
+
+
+def _bar_containers(ax):
+    from matplotlib.container import BarContainer
+    return [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def _legend(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_figure_with_one_n_draws_bars_with_intervals_and_reference_lines(tmp_path):
+    analysis, axes = _figure(tmp_path, [3])
+    assert set(axes) == {"accuracy", "cost", "diversity", "split"}
+    acc = axes["accuracy"]
+    bars = _bar_containers(acc)
+    assert len(bars) == 1 and len(bars[0]) == 3 and bars[0].errorbar is not None  # avg, vote, flex_attention
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["avg", "vote", "flex_attention"]
+    assert [round(b.get_height(), 3) for b in bars[0]] == list(analysis.report.set_index("method").loc[
+        ["avg", "vote", "flex_attention"], "partial"].round(3))
+    legend = _legend(acc)
+    assert any(t.startswith("single prompts: mean") for t in legend) and any("best" in t for t in legend) \
+        and any("oracle" in t for t in legend)
+    assert acc.get_legend().get_window_extent().x0 >= acc.get_window_extent().x1  # outside the data
+    split = axes["split"]
+    assert [len(c) for c in _bar_containers(split)] == [3, 3, 3]
+    assert [t.split(" ")[0] for t in _legend(split)] == ["kept", "new", "lost"]
+    assert all(b.get_height() <= 0 for b in _bar_containers(split)[2])  # lost below zero
+    diversity = axes["diversity"]
+    assert len(_bar_containers(diversity)) == 3 and _legend(diversity) == ["avg", "vote", "flex_attention"]
+    ticks = [t.get_text() for t in diversity.get_xticklabels()]
+    assert len(ticks) == evaluate.BINS and all("\nn=" in t for t in ticks)
+    counts = [int(t.split("n=")[1]) for t in ticks]
+    assert sum(counts) == 8
+
+
+def test_figure_with_several_n_draws_lines_on_integer_ticks(tmp_path):
+    _, axes = _figure(tmp_path, [2, 3, 5])
+    acc = axes["accuracy"]
+    assert not _bar_containers(acc)
+    lines = {line.get_label(): line for line in acc.get_lines()}
+    assert {"avg", "vote", "flex_attention", "single prompts: mean (first N)"} <= set(lines)
+    assert list(lines["avg"].get_xdata()) == [2, 3, 5]
+    assert len(acc.collections) >= 3  # a band per method
+    assert list(acc.get_xticks()) == [2, 3, 5] and [t.get_text() for t in acc.get_xticklabels()] == ["2", "3", "5"]
+    assert _legend(acc)[:3] == ["avg", "vote", "flex_attention"]
+
+
+def test_cost_labels_are_short_and_do_not_overlap(tmp_path):
+    _, axes = _figure(tmp_path, [2, 3, 4, 5])
+    cost = axes["cost"]
+    texts = [t for t in cost.texts]
+    assert sorted(t.get_text() for t in texts) == ["avg", "flex_attention", "single prompt", "vote"]
+    renderer = cost.figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    inside = cost.get_window_extent(renderer)
+    assert all(inside.contains(b.x0, b.y0) and inside.contains(b.x1, b.y1) for b in boxes)
+    assert cost.get_xlabel() == "tokens run through the model per question"
+
+
+def test_attention_share_follows_top_and_entropy_panel(tmp_path):
+    """q1 attends mostly to paraphrase 2 ("x", equal to the answer), q2 evenly (entropy 1)."""
+    answers = {"q1": ["x"], "q2": ["x"]}
+    _pp(answers, {"q1": ["y", "x"], "q2": ["x", "y"]}).to_feather(tmp_path / "per_prompt.feather")
+    shares = [[[0.1, 0.1, 0.7, 0.1]] * 2, [[0.2, 0.3, 0.3, 0.2]]]
+    _ensemble("flex_attention", 2, answers, {"q1": "X.", "q2": "y"}, attention_share=shares).to_feather(
+        tmp_path / "flex_attention-2.feather")
+    analysis = evaluate.analyse(tmp_path)
+    stats = next(g for g in analysis.groups if g.label == "flex_attention").stats.set_index("uuid")
+    assert stats.loc["q1", "follows_top"] == 1.0 and stats.loc["q2", "follows_top"] == 0.0  # q2: a tie -> first
+    p = np.array([1, 7]) / 8
+    assert stats.loc["q1", "share_entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(2))
+    assert stats.loc["q2", "share_entropy"] == pytest.approx(1.0)
+    gain = evaluate.gain_table(analysis).set_index("method")
+    assert gain.loc["flex_attention", "follows top share"] == 0.5
+    axes = {ax.get_label(): ax for ax in evaluate.report_figure(analysis).axes}
+    assert len(_bar_containers(axes["attention"])) == 1
+    # absent column: no attention panel, no column
+    _ensemble("flex_attention", 2, answers, {"q1": "X.", "q2": "y"}).to_feather(tmp_path / "flex_attention-2.feather")
+    analysis = evaluate.analyse(tmp_path)
+    assert "follows top share" not in evaluate.gain_table(analysis).columns
+    assert "attention" not in {ax.get_label() for ax in evaluate.report_figure(analysis).axes}

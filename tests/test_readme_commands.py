@@ -1,0 +1,73 @@
+"""Every command the README shows runs, at its defaults: `make demo`'s commands (read from the Makefile),
+the report, the sweep, the example and the notebook snippet. The data may be shortened (--limit), the
+decode never is."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from constants import REPO_DIR
+
+README = (REPO_DIR / "README.md").read_text(encoding="utf-8")
+LIMIT = ["--limit", "2"]
+pytestmark = pytest.mark.embedded
+
+
+def demo_commands() -> list[list[str]]:
+    """The python commands of `make demo`, as the Makefile runs them (N = 5)."""
+    recipe = re.search(r"^demo:.*?\n((?:\t.*\n)+)", (REPO_DIR / "Makefile").read_text(), re.M).group(1)
+    lines = [l.strip().replace("$(BIN)/python", sys.executable).replace("$(N)", "5") for l in recipe.splitlines()]
+    return [shlex.split(l) for l in lines if l.startswith(sys.executable)]
+
+
+def readme_commands(prefix: str) -> list[list[str]]:
+    """The README's shell lines that start with `prefix`, comments and [optional] parts dropped."""
+    lines = re.findall(rf"^{re.escape(prefix)}(.*)$", README, re.M)
+    return [shlex.split(re.sub(r"\[.*?\]|#.*$", "", line)) for line in lines]
+
+
+def run(argv: list[str], timeout: int = 600) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, cwd=REPO_DIR, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, f"{shlex.join(argv[1:])}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def test_make_demo_then_the_readme_report(tmp_path):
+    commands = demo_commands()
+    assert [c[1] for c in commands] == ["generate.py", "generate.py", "flex_attention_generate.py", "evaluate.py"]
+    out = tmp_path / "results"
+    for command in commands:
+        if command[1] == "evaluate.py":
+            run([*command[:2], "--results-dir", str(out)])
+        else:
+            run([*command, *LIMIT, "--output-dir", str(out), "--no-progress"])
+    assert (out / "flex_attention-5.feather").exists() and (out / "report.png").exists()
+    evaluate = [c for c in readme_commands(".venv/bin/python ") if c[0] == "evaluate.py"]
+    assert evaluate, "the README shows evaluate.py"
+    for command in evaluate:  # its --results-dir is the demo's folder: here, the one just written
+        args = [a if a != "results/webqa_sample/smollm2_135m_it" else str(out) for a in command[1:]]
+        run([sys.executable, "evaluate.py", *args, "--output-dir", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "questions.csv").exists()
+
+
+def test_readme_sweep(tmp_path):
+    sweeps = [c for c in readme_commands(".venv/bin/python ") if c[0] == "sweep.py"]
+    assert sweeps
+    for command in sweeps:
+        out = run([sys.executable, *command, "--limit", "1", "--no-progress", "--output-dir", str(tmp_path)], 1200)
+        assert "[17/17]" in out  # per_prompt, then avg, avg_prob, max and fusion for N = 2..5
+    assert len(list(tmp_path.glob("*.feather"))) == 17 and (tmp_path / "report.md").exists()
+
+
+def test_readme_notebook_snippet_runs():
+    snippet = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "prediction" in done.stdout and "exact" in done.stdout

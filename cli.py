@@ -194,6 +194,8 @@ def check_flags(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             name = "N (--num-paraphrases, --num-ensemble)" if flag == "num" else f"--{flag.replace('_', '-')}"
             raise InputError(f"{name} must be at least 1, got {value}")
+    if getattr(args, "num_fewshot", None) is not None and args.num_fewshot < 0:
+        raise InputError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
     if not 0 <= args.seed <= MAX_SEED:
         raise InputError(f"--seed must be in [0, 2^63 - 1], got {args.seed}")
     if args.paraphrase_temperature <= 0 or not 0 < args.paraphrase_top_p <= 1:

@@ -101,9 +101,7 @@ def confidences(lm: LanguageModel, dataset: Dataset, records: list[Record], n: i
     """Confidence of paraphrases 0..n-1 of every record, computing only the prompts the cache lacks.
     `results_dir` is the run's output dir (the cache is its `confidence-cache/` folder); `model_name` the
     --model given (with the loaded model's revision it is part of the key)."""
-    from models import model_revision
-    settings = ConfidenceSettings(model_name, model_revision(lm.model), str(lm.model.dtype).removeprefix("torch."),
-                                  lm.device.type, k, seed, float(temperature), float(top_p), stop.max_new_tokens)
+    settings = confidence_settings(lm, k, stop, seed, model_name, temperature, top_p)
     path = settings.cache_file(results_dir)
     known = cached_entries(path)
     new_entries, keys_of = [], {}
@@ -125,6 +123,19 @@ def confidences(lm: LanguageModel, dataset: Dataset, records: list[Record], n: i
         save_entries(path, new_entries)
     return Confidences({u: [float(known[key]["confidence"]) for key in keys] for u, keys in keys_of.items()},
                        {u: float(sum(known[key]["seconds"] for key in keys)) for u, keys in keys_of.items()})
+
+
+def confidence_settings(lm: LanguageModel, k: int, stop: StopRule, seed: int, model_name: str,
+                        temperature: float = CONFIDENCE_TEMPERATURE, top_p: float = CONFIDENCE_TOP_P
+                        ) -> ConfidenceSettings:
+    from models import model_revision
+    return ConfidenceSettings(model_name, model_revision(lm.model), str(lm.model.dtype).removeprefix("torch."),
+                              lm.device.type, k, seed, float(temperature), float(top_p), stop.max_new_tokens)
+
+
+def check_cache(lm: LanguageModel, k: int, stop: StopRule, results_dir: Path, seed: int, model_name: str) -> None:
+    """The run's confidence cache can be read (InputError naming it, before anything is written)."""
+    cached_entries(confidence_settings(lm, k, stop, seed, model_name).cache_file(results_dir))
 
 
 def cached_entries(path: Path) -> dict[str, dict]:

@@ -174,10 +174,11 @@ def open_job(config: RunConfig, num_paraphrases: int, table: Path | None = None)
         num_paraphrases = max(config.chosen) + 1
     from models import check_cache_dir, has_chat_template
     check_cache_dir()
+    if table is not None:
+        check_table_path(config.table_path(table))  # names past the file system's limit, before any stat of them
     check_writable_dir(config.out_dir())
     if table is not None:
         path = config.table_path(table)
-        check_table_path(path)
         lock = TableLock(path, process_state().process_index)
         holder = lock.holder()
         if holder is not None:
@@ -201,6 +202,9 @@ def model_paraphrases(config: RunConfig, num_paraphrases: int) -> bool:
 def load_lm(config: RunConfig) -> LanguageModel:
     """The model on the configured device (each process's own GPU under accelerate), with its prefix cache."""
     from models import load_model, resolve_device
+    if not config.progress:  # --no-progress: transformers' "Loading weights" bar too
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     device = resolve_device(config.device)
     state = process_state()
     if config.device == "auto" and state.num_processes > 1:
@@ -369,7 +373,7 @@ def fusion_flags(settings, n: int, confidence_samples: int) -> dict:
 
 def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: str, num: int | None):
     """One logit-level method's table (per_prompt, origin, avg, avg_prob, max, weighted_avg, weighted_max)."""
-    from confidence import confidences
+    from confidence import check_cache, confidences
     from decoding import StopRule, eos_ids, single_rows
     from methods import answer_ensemble, answer_per_prompt
     n = logit_count(method, num)
@@ -389,13 +393,15 @@ def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: st
         conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop, config.out_dir(),
                            config.seed, model_name=config.model)
         return conf.annotate(answer_ensemble(lm, dataset, batch, n, stop, method, conf.values)[0])
+    if method.startswith("weighted"):
+        check_cache(lm, config.method_flags["confidence_samples"], stop, config.out_dir(), config.seed, config.model)
     per_question = count if method == "per_prompt" else (lambda record: 1)
     return run_job(config, dataset, table, answer_batch, model=lm.model, rows_per_question=per_question)
 
 
 def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings, n: int):
     """One attention-level variant's table: `settings` (fusion.FusionSettings) over N paraphrases."""
-    from confidence import confidences, normalised_weights
+    from confidence import check_cache, confidences, normalised_weights
     from decoding import StopRule, eos_ids, fused_row
     from methods import answer_fused
     table = config.table(settings.table_name(n), n)
@@ -403,15 +409,36 @@ def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings,
     check_prompts(lm.model, dataset, lambda r: [fused_row(lm.tokenizer, dataset.prompt_parts(r, n, settings.fewshot),
                                                           settings.positions)], config.max_new_tokens)
 
+    if settings.bias == "confidence":
+        check_cache(lm, config.method_flags["confidence_samples"], stop, config.out_dir(), config.seed, config.model)
+
     def answer_batch(batch: list[Record]) -> list[dict]:
         weights, conf = None, None
         if settings.bias == "confidence":  # plain prompts: decoded under sdpa by their own PaddingMask
             conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop,
                                config.out_dir(), config.seed, model_name=config.model)
             weights = {u: normalised_weights(c) for u, c in conf.values.items()}
-        rows = answer_fused(lm, dataset, batch, n, stop, settings, weights)[0]
+        with compile_failures_in_one_line(settings):
+            rows = answer_fused(lm, dataset, batch, n, stop, settings, weights)[0]
         return conf.annotate(rows) if conf else rows
     return run_job(config, dataset, table, answer_batch, model=lm.model)
+
+
+@contextmanager
+def compile_failures_in_one_line(settings):
+    """Compiled FlexAttention that fails to compile (an inductor or dynamo error, the recompile limit) ends the
+    run in one line naming the ways around it; nothing falls back to another backend on its own."""
+    if not settings.compile:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError
+    try:
+        yield
+    except (TorchDynamoException, CppCompileError) as err:
+        from constants import first_line
+        raise InputError(f"compiled FlexAttention failed ({first_line(err)[:300]}); use --compile off (eager flex) "
+                         f"or --attn sdpa") from None
 
 
 # ---------------------------------------------------------------- from Python (a notebook)

@@ -10,7 +10,6 @@ Exit code 1 when any check fails (warnings do not fail).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -178,6 +177,12 @@ def check_gpu() -> Check:
 
 
 def check_disk() -> Check:
+    from constants import InputError
+    from models import check_cache_dir
+    try:
+        check_cache_dir()
+    except InputError as err:
+        return Check("disk", "fail", str(err), "set SELF_ENSEMBLE_CACHE to a folder")
     where = CACHE_DIR
     while not where.exists():
         where = where.parent
@@ -347,7 +352,8 @@ def environment() -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from cli import OneLineParser
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--test-flex-attention", action="store_true",
                    help="call flex_attention eager and compiled against a dense SDPA reference (compile: 10+ s on CPU)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {name, status, detail, fix}")

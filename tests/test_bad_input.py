@@ -129,7 +129,9 @@ def test_every_bad_input_is_one_line_and_exit_code_2(tmp_path):
     made = [("generate.py", "--dataset", "jsonl", "--data-file", str(good), "--method", "avg", "--num_ensemble", "3",
              *TINY, "--output-dir", str(done)),
             ("flex_attention_generate.py", "--dataset", "jsonl", "--data-file", str(good), "--num_paraphrases", "3",
-             "--attn", "sdpa", *TINY, "--output-dir", str(done))]
+             "--attn", "sdpa", *TINY, "--output-dir", str(done)),
+            ("generate.py", "--dataset", "jsonl", "--data-file", str(good), "--method", "weighted_avg", "--num_ensemble",
+             "3", "--confidence-samples", "2", *TINY, "--output-dir", str(tmp_path / "weighted"))]
     for script, *args in made:
         proc = subprocess.run([sys.executable, script, *args], cwd=REPO_DIR, env=env, capture_output=True, text=True,
                               timeout=300)
@@ -155,11 +157,26 @@ def test_every_bad_input_is_one_line_and_exit_code_2(tmp_path):
     pd.DataFrame({"uuid": ["q1"], "prediction": ["a"]}).to_feather(columns / "origin.feather")
 
     names = itertools.count()
+    # ---- damaged files left by a crash or by hand: a result table on rerun, a confidence cache entry, 0 rows
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for suffix in (".feather", ".settings.json"):
+        (corrupt / f"ensemble_avg-3{suffix}").write_bytes((done / f"ensemble_avg-3{suffix}").read_bytes())
+    (corrupt / "ensemble_avg-3.feather").write_bytes((done / "ensemble_avg-3.feather").read_bytes()[:100])
+    conf_cache = tmp_path / "conf_cache"
+    (conf_cache / "confidence-cache").mkdir(parents=True)
+    for entry in (tmp_path / "weighted" / "confidence-cache").glob("*.feather"):
+        (conf_cache / "confidence-cache" / entry.name).write_bytes(b"ARROW1 torn")
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    pd.read_feather(done / "ensemble_avg-3.feather").iloc[:0].reset_index(drop=True).to_feather(zero / "avg.feather")
+    weighted_run = ["--dataset", "jsonl", "--data-file", str(good), "--method", "weighted_avg", "--num_ensemble", "3",
+                    "--confidence-samples", "2"]
 
     def data(*rows, raw: bytes | None = None) -> str:
         return str(jsonl(bad / f"data{next(names)}.jsonl", list(rows), raw))
 
-    G, F, E = "generate.py", "flex_attention_generate.py", "evaluate.py"
+    G, F, E, S = "generate.py", "flex_attention_generate.py", "evaluate.py", "sweep.py"
     # (script, arguments, what stderr must name, extra environment)
     cases = [
         # the data
@@ -197,6 +214,36 @@ def test_every_bad_input_is_one_line_and_exit_code_2(tmp_path):
         (F, ["--attn", "flex", "--compile", "on"], "compiled FlexAttention fails on CPU", None),
         (F, ["--positions", "diagonal"], "--positions: invalid choice", None),
         (F, ["--fusion-bias", "confidence", "--confidence-samples", "0"], "--confidence-samples must be at least 1", None),
+        # numbers, uuids, placeholders, few-shot counts, selections (issue 24, second round)
+        (F, ["--fusion-temperature", "nan"], "expected a finite number, got 'nan'", None),
+        (F, ["--fusion-temperature", "0"], "--fusion-temperature must be", None),
+        (F, ["--fusion-bias", "sideways"], "--fusion-bias 'sideways'", None),
+        (F, ["--fusion-bias", "inf"], "a numeric bias must be finite", None),
+        (G, ["--paraphrase-temperature", "inf"], "expected a finite number", None),
+        (G, ["--seed", str(2 ** 63)], "--seed must be in [0, 2^63 - 1]", None),
+        (G, ["--num-fewshot", "-1"], "--num-fewshot must be 0 or more", None),
+        (G, ["--dataset", "jsonl", "--data-file", data(*shots(), question(1, uuid=True))], "'uuid' must be a non-blank", None),
+        (G, ["--dataset", "jsonl", "--data-file", data(*shots(), question(1, uuid=[1, 2]))], "'uuid' must be a non-blank", None),
+        (G, ["--dataset", "jsonl", "--data-file", data(*shots(), question(1, uuid="   "))], "'uuid' must be a non-blank", None),
+        (G, ["--dataset", "jsonl", "--data-file", data(raw=b'{"uuid": "q1", "paraphrases": ["\\ud800?"], "answers": ["a"]}\n')],
+         "lone surrogate", None),
+        (G, ["--dataset", "jsonl", "--data-file", data(raw=b"[" * 100000 + b"\n")], "nested too deeply", None),
+        (G, ["--dataset", "jsonl", "--task", "mask", "--data-file", str(good)], "no [MASK] placeholder", None),
+        (G, ["--output-dir", ""], "--output-dir ''", None),
+        (G, ["--output-dir", str(tmp_path / ("x" * 300))], "longer than this file system's limit", None),
+        (G, ["--dataset", "jsonl", "--data-file", str(good)], "SELF_ENSEMBLE_CACHE",
+         {"SELF_ENSEMBLE_CACHE": str(a_file / "cache")}),
+        (G, [*avg_run[:-1], str(corrupt)], "cannot read", None),
+        (G, [*avg_run[:-1], str(corrupt), "--lemmaize"], "cannot read", None),
+        (G, [*weighted_run, *TINY, "--output-dir", str(conf_cache)], "cannot read", None),
+        (E, ["--results-dir", str(zero)], "no rows", None),
+        (G, ["--method", "per_prompt", "--num_samples", "2"], "--num_samples chooses the paraphrases", None),
+        (G, ["--repeat_paras"], "need --num_samples", None),
+        (G, ["--dataset", "jsonl", "--data-file", str(good), "--num_manual", "1", "--num_auto", "1", "--num_samples", "2"],
+         "need to know which paraphrases are manual", None),
+        (S, ["--limit", "0"], "--limit must be at least 1", None),
+        (S, ["--max-n", "abc"], "--max-n: invalid int value", None),
+        (S, ["--dataset", "jsonl", "--data-file", str(good), "--max-n", "4"], "fewer than the 4 asked for", None),
         # the output folder
         (G, ["--output-dir", str(a_file)], "is a file, not a folder", None),
         (G, ["--output-dir", str(a_file / "below")], f"cannot be created: {a_file} is a file", None),
@@ -230,7 +277,8 @@ def test_every_bad_input_is_one_line_and_exit_code_2(tmp_path):
             args += ["--output-dir", str(out)]
         if script != E and "--model" not in args:
             args += TINY
-        watched = [out, cache, hf, done, a_file, tmp_path / "read_only", no_tables, broken, columns, bad]
+        watched = [out, cache, hf, done, a_file, tmp_path / "read_only", no_tables, broken, columns, bad, corrupt,
+                   conf_cache, zero]
         before = snapshot(*watched)
         lock = TableLock(done / "ensemble_avg-3.feather").acquire() if extra == "lock" else None
         try:

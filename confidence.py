@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from constants import CONFIDENCE_TEMPERATURE, CONFIDENCE_TOP_P, safe_name
 from dataset import Dataset, Record
@@ -97,7 +98,7 @@ def agreement(lm: LanguageModel, rows: list, keys: list[str], settings: Confiden
 
 def confidences(lm: LanguageModel, dataset: Dataset, records: list[Record], n: int, k: int, stop: StopRule,
                 results_dir: Path, seed: int = 0, *, model_name: str, temperature: float = CONFIDENCE_TEMPERATURE,
-                top_p: float = CONFIDENCE_TOP_P) -> Confidences:
+                top_p: float = CONFIDENCE_TOP_P, progress: bool = True) -> Confidences:
     """Confidence of paraphrases 0..n-1 of every record, computing only the prompts the cache lacks.
     `results_dir` is the run's output dir (the cache is its `confidence-cache/` folder); `model_name` the
     --model given (with the loaded model's revision it is part of the key)."""
@@ -105,7 +106,9 @@ def confidences(lm: LanguageModel, dataset: Dataset, records: list[Record], n: i
     path = settings.cache_file(results_dir)
     known = cached_entries(path)
     new_entries, keys_of = [], {}
-    for record in records:
+    bar = tqdm(records, desc=f"confidence: {k} samples per paraphrase", unit="q", leave=False,
+               disable=not progress or len(records) < 2)
+    for record in bar:
         rows = single_rows(lm.tokenizer, dataset.prompt_parts(record, n), list(range(n)))
         keys = [settings.key(row.input_ids) for row in rows]
         keys_of[record.uuid] = keys

@@ -391,7 +391,7 @@ def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: st
         if not method.startswith("weighted"):
             return answer_ensemble(lm, dataset, batch, n, stop, method)[0]
         conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop, config.out_dir(),
-                           config.seed, model_name=config.model)
+                           config.seed, model_name=config.model, progress=config.progress)
         return conf.annotate(answer_ensemble(lm, dataset, batch, n, stop, method, conf.values)[0])
     if method.startswith("weighted"):
         check_cache(lm, config.method_flags["confidence_samples"], stop, config.out_dir(), config.seed, config.model)
@@ -416,7 +416,7 @@ def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings,
         weights, conf = None, None
         if settings.bias == "confidence":  # plain prompts: decoded under sdpa by their own PaddingMask
             conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop,
-                               config.out_dir(), config.seed, model_name=config.model)
+                               config.out_dir(), config.seed, model_name=config.model, progress=config.progress)
             weights = {u: normalised_weights(c) for u, c in conf.values.items()}
         with compile_failures_in_one_line(settings):
             rows = answer_fused(lm, dataset, batch, n, stop, settings, weights)[0]

@@ -21,29 +21,39 @@ from constants import REPO_DIR, InputError, safe_name
 from fusion import FusionSettings
 from models import resolve_device
 from runner import bind_model, fusion_flags, fusion_job, load_lm, logit_flags, logit_job, open_job
+from selection import Selection
 
 LOGIT_SWEEP = ("avg", "avg_prob", "max")
 # the attention-level variants of the study (backend and compile as the run resolves them)
 STUDY_GRID = ([FusionSettings(positions=p, bias=b) for p in ("left", "right", "continuous") for b in ("none", "uniform")]
               + [FusionSettings(positions=p, temperature=t) for p in ("left", "right") for t in (0.7, 1.4)]
-              + [FusionSettings(positions=p, fewshot="fused") for p in ("left", "right")])
+              + [FusionSettings(positions=p, fewshot="fused") for p in ("left", "right")]
+              + [FusionSettings(isolation="none"), FusionSettings(bias="-0.8"), FusionSettings(bias="-2.3")])
 
 
-def plan(args, settings: FusionSettings) -> list[tuple[str, object, int]]:
-    """Every job of the sweep, in order: (kind, method or fusion settings, N)."""
-    jobs: list[tuple[str, object, int]] = [("logit", "per_prompt", args.max_n)]
+def plan(args, settings: FusionSettings) -> list[tuple[str, object, int, Selection | str | None]]:
+    """Every job of the sweep, in order: (kind, method or fusion settings, N, paraphrase selection or --indexs)."""
+    jobs: list[tuple[str, object, int, Selection | str | None]] = [("logit", "per_prompt", args.max_n, None)]
     for n in range(args.min_n, args.max_n + 1):
-        jobs += [("logit", method, n) for method in LOGIT_SWEEP] + [("fusion", settings, n)]
+        jobs += [("logit", method, n, None) for method in LOGIT_SWEEP] + [("fusion", settings, n, None)]
+        if args.samples:  # which paraphrases, not only how many: S selections, and the repeat control
+            for chosen in (Selection(args.samples), Selection(args.samples, repeat=True)):
+                jobs += [("logit", "avg", n, chosen), ("fusion", settings, n, chosen)]
     if args.study:
         backend = dict(backend=settings.backend, compile=settings.compile)
-        jobs += [("fusion", replace(variant, **backend), args.max_n) for variant in STUDY_GRID
+        jobs += [("fusion", replace(variant, **backend), args.max_n, None) for variant in STUDY_GRID
                  if replace(variant, **backend) != settings]
+        everyone = range(args.max_n)  # leave-one-out: each paraphrase left out once (--indexs, diversity/ tables)
+        jobs += [("fusion", settings, args.max_n - 1, ",".join(str(j) for j in everyone if j != i))
+                 for i in everyone] if args.max_n > 1 else []
     return jobs
 
 
-def describe(job: tuple[str, object, int]) -> str:
-    kind, what, n = job
-    return f"{what}, N={n}" if kind == "logit" else f"flex_attention, N={n}: {what.describe()}"
+def describe(job: tuple[str, object, int, Selection | str | None]) -> str:
+    kind, what, n, chosen = job
+    sampled = (f", paraphrases {chosen}" if isinstance(chosen, str) else
+               f", {chosen.samples} {'repeated' if chosen.repeat else 'sampled'} selections" if chosen else "")
+    return f"{what}, N={n}{sampled}" if kind == "logit" else f"flex_attention, N={n}{sampled}: {what.describe()}"
 
 
 @main_guard
@@ -53,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-n", type=int, default=2)
     p.add_argument("--max-n", type=int, default=5, help="largest N (upstream's ensemble.sh: 6)")
     p.add_argument("--study", action="store_true", help="also the attention-level variants at --max-n")
+    p.add_argument("--samples", type=int, metavar="S", help="also S sampled selections of N paraphrases per question "
+                   "(avg and fusion), and the repeat control, for every N (upstream's synced samples)")
     p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
     args = parse(p, argv)
     if not 1 <= args.min_n <= args.max_n:
@@ -62,16 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     settings, _ = fusion_settings(args, resolve_device(args.device))
     jobs = plan(args, settings)
     opened = []
-    for kind, what, n in jobs:  # every job's data and output checked before the model loads or anything is written
+    for kind, what, n, chosen in jobs:  # every job's data and output checked before the model loads or anything is written
         flags = (logit_flags(what, n, args.confidence_samples) if kind == "logit"
                  else fusion_flags(what, n, args.confidence_samples))
-        opened.append(open_job(run_config(args, **flags), n))
+        config = run_config(args, **flags)
+        config = replace(config, indexs=chosen) if isinstance(chosen, str) else replace(config, selection=chosen)
+        opened.append(open_job(config, n))
     for i, job in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {describe(job)}", flush=True)
     if args.dry_run:
         return 0
     lm = load_lm(opened[0][0])
-    for (kind, what, n), (config, dataset) in zip(jobs, opened):
+    for (kind, what, n, _), (config, dataset) in zip(jobs, opened):
         bind_model(config, dataset, lm, n)
         if kind == "logit":
             logit_job(config, dataset, lm, what, n)

@@ -431,11 +431,11 @@ def compile_failures_in_one_line(settings):
     if not settings.compile:
         yield
         return
-    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
     from torch._inductor.exc import CppCompileError
     try:
         yield
-    except (TorchDynamoException, CppCompileError) as err:
+    except (TorchDynamoException, CppCompileError, FailOnRecompileLimitHit) as err:
         from constants import first_line
         raise InputError(f"compiled FlexAttention failed ({first_line(err)[:300]}); use --compile off (eager flex) "
                          f"or --attn sdpa") from None

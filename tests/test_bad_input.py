@@ -211,7 +211,6 @@ def test_every_bad_input_is_one_line_and_exit_code_2(tmp_path):
         (G, ["--model", str(tmp_path)], "without config.json", None),
         (G, ["--model", "nobody/not-a-model-xyz"], "not in the hub cache", {"HF_HUB_OFFLINE": "1"}),
         (F, ["--attn", "sdpa", "--compile", "on"], "--compile on applies to --attn flex only", None),
-        (F, ["--attn", "flex", "--compile", "on"], "compiled FlexAttention fails on CPU", None),
         (F, ["--positions", "diagonal"], "--positions: invalid choice", None),
         (F, ["--fusion-bias", "confidence", "--confidence-samples", "0"], "--confidence-samples must be at least 1", None),
         # numbers, uuids, placeholders, few-shot counts, selections (issue 24, second round)

@@ -1,10 +1,12 @@
 """Compiled FlexAttention compiles once per shape family, not once per shape: counted on CPU with a
 dynamo backend that needs no C++ toolchain, over batches of different sizes and lengths with early
-stops. Past torch's recompile limit (8) flex would silently run unfused, so the count is the contract."""
+stops. Past torch's recompile limit (8) flex would silently run unfused, so the count is the contract.
+Then the real compiler: inductor's CPU kernels at batch 1, every variant against sdpa (docs/compile.md)."""
 from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
@@ -49,3 +51,107 @@ def test_compiled_flex_compiles_a_fixed_handful_of_graphs():
     reference = run(model, tokenizer, first, [4, 4, 2, 1], "sdpa") + run(model, tokenizer, later, [5, 3, 1], "sdpa")
     assert compiled == reference
     assert any(len(t) < 6 for t in reference) and any(len(t) == 6 for t in reference)  # early stops happened
+
+
+# ---------------------------------------------------------------- the real compiler: inductor on the CPU
+
+from methods import decode_fused  # noqa: E402
+
+SHORT = [Record(f"s{i}", [f"q{i} " + "x" * i + "?", f"w{i}?", f"the {i}" + "y" * (i % 3) + "?"], ["a"])
+         for i in range(4)]  # short prompts (under one 128-token block), of changing lengths
+
+
+class Recorder:
+    """Greedy, keeping every step's logits."""
+
+    def __init__(self):
+        self.logits: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        self.logits.append(logits.clone())
+        return logits[:, 0].argmax(-1)
+
+
+def decode_one_by_one(settings: FusionSettings, records, fewshot=()) -> tuple[list, list]:
+    """Each question alone (batch 1): its tokens and its steps' logits."""
+    model, tokenizer = cached_tiny("llama")
+    lm = LanguageModel(model, tokenizer)
+    ds = Dataset("t", "qa", records, list(fewshot), [[q, q + " again"] for q, _ in fewshot])
+    stop = StopRule(set(), 4, first_line_only=False)
+    weights = {r.uuid: ([0.7, 0.2, 0.1], False) for r in records} if settings.bias == "confidence" else None
+    tokens, logits = [], []
+    for record in records:
+        chooser = Recorder()
+        tokens += decode_fused(lm, ds, [record], 3, stop, settings, weights, chooser)[1]
+        logits.append(chooser.logits)
+    return tokens, logits
+
+
+def assert_same_as_sdpa(settings: FusionSettings, records=SHORT, fewshot=()) -> None:
+    compiled, compiled_logits = decode_one_by_one(settings.with_backend("flex", compile=True), records, fewshot)
+    sdpa, sdpa_logits = decode_one_by_one(settings, records, fewshot)
+    assert compiled == sdpa
+    for a, b in zip(compiled_logits, sdpa_logits):
+        assert max((x - y).abs().max().item() for x, y in zip(a, b)) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def inductor_graphs():
+    """One warm-up for the compiled tests that share graphs (a score_mod: any bias or temperature); the count
+    of graphs dynamo compiled, read before and after each test."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    assert_same_as_sdpa(FusionSettings(), SHORT[:2])
+    yield lambda: counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("settings", [
+    FusionSettings(), FusionSettings(positions="right"), FusionSettings(positions="continuous"),
+    FusionSettings(bias="-0.8"), FusionSettings(bias="confidence"), FusionSettings(temperature=0.7),
+    FusionSettings(positions="right", temperature=0.7)], ids=lambda s: s.variant() or "default")
+def test_inductor_compiled_flex_equals_sdpa_and_compiles_nothing_new(inductor_graphs, settings):
+    """Every variant with a score_mod runs the warmed-up graphs: tokens equal sdpa's, logits within 1e-4,
+    over questions of changing lengths, and no graph is compiled after the warm-up."""
+    before = inductor_graphs()
+    assert_same_as_sdpa(settings)
+    assert inductor_graphs() == before
+
+
+def test_inductor_compiled_flex_without_a_score_mod_and_the_fused_fewshot_format():
+    """No bias (no score_mod: other graphs) and the few-shot examples as paraphrases (a longer prompt): equal
+    to sdpa, in at most 6 graphs (prefill and decode; past one 128-token block, its size-1 specialisation)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    assert_same_as_sdpa(FusionSettings(bias="none"), SHORT[:3])
+    assert_same_as_sdpa(FusionSettings(fewshot="fused"), SHORT[:2], FEW_SHOT)
+    print("graphs compiled:", counters["stats"]["unique_graphs"] - before)
+    assert counters["stats"]["unique_graphs"] - before <= 6
+    torch._dynamo.reset()
+
+
+def test_past_the_recompile_limit_the_run_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    """With the limit at 1, the decode step's graph would be a recompile: the command stops in one line
+    instead of running flex unfused."""
+    import json
+    import runpy
+    import sys
+
+    from constants import REPO_DIR
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    data = tmp_path / "d.jsonl"
+    rows = [{"uuid": "t", "paraphrases": ["shot?"], "answers": ["a"], "split": "train"},
+            {"uuid": "q", "paraphrases": ["a?", "b?", "c?"], "answers": ["a"]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", ["flex_attention_generate.py", "--dataset", "jsonl", "--data-file", str(data),
+                                      "--model", "tiny-llama", "--num_paraphrases", "3", "--attn", "flex", "--compile",
+                                      "on", "--batch-size", "1", "--max-new-tokens", "3", "--no-progress",
+                                      "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_DIR / "flex_attention_generate.py"), run_name="__main__")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    torch._dynamo.reset()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "compiled FlexAttention failed" in err[0] and "--compile off" in err[0]

@@ -98,28 +98,33 @@ def check_flex_import() -> Check:
 # ---------------------------------------------------------------- a real FlexAttention call
 
 def flex_vs_sdpa(compiled: bool, dynamic: bool = True) -> tuple[float, float]:
-    """(max abs diff, seconds) of flex_attention with the project's BlockMask against SDPA with the same
-    mask rendered dense, on a small fused layout (prefix, 3 paraphrases, suffix) with GQA."""
+    """(max abs diff, seconds) of flex_attention with the project's BlockMask and fusion score_mod (the -log N
+    bias), batch 1, against SDPA with the same mask and bias rendered dense, on a small fused layout (prefix,
+    3 paraphrases, suffix) with GQA."""
+    import math
+
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import flex_attention
 
     from decoding import build_row, pad_left
-    from segment_mask import build_block_mask, build_dense_mask, segment_mask_mod
+    from fusion import FusionSettings
+    from segment_mask import SegmentMask
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row = build_row([1] * 6, [[1] * 4, [1] * 7, [1] * 3], [1] * 3)
     _, _, seg = pad_left([row], 0, device)
     length = seg.shape[1]
-    mask_mod = segment_mask_mod(seg, torch.tensor(0, device=device))
+    biases = torch.full((1, 3), -math.log(3), device=device)
+    flex = SegmentMask(seg, 0, FusionSettings(backend="flex"), biases).prefill()
+    dense = SegmentMask(seg, 0, FusionSettings(backend="sdpa"), biases).prefill()["attention_mask"]
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, length, 16, generator=gen).to(device)
     k, v = (torch.randn(1, 2, length, 16, generator=gen).to(device) for _ in range(2))
-    dense = build_dense_mask(mask_mod, 1, length, length, device, torch.float32)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
-    fn = torch.compile(flex_attention, dynamic=dynamic) if compiled else flex_attention  # enable_flex: dynamic
+    fn = torch.compile(flex_attention, dynamic=dynamic) if compiled else flex_attention  # as SegmentMask compiles it
     start = time.perf_counter()
-    out = fn(q, k, v, block_mask=build_block_mask(mask_mod, 1, length, length, device), enable_gqa=True)
+    out = fn(q, k, v, score_mod=flex["fusion_score_mod"], block_mask=flex["attention_mask"], enable_gqa=True)
     return (out - reference).abs().max().item(), time.perf_counter() - start
 
 
@@ -151,8 +156,9 @@ def check_flex_call(compiled: bool) -> Check:
     if diff > 1e-4:
         return Check(name, "fail", f"differs from the dense SDPA reference: max abs diff {diff:.2e}",
                      "report the torch version; use --attn sdpa meanwhile")
-    return Check(name, "pass", f"matches dense SDPA, max abs diff {diff:.2e} ({seconds:.1f} s"
-                 f"{' incl. compile' if compiled else ''}, {'cuda' if on_gpu else 'cpu'})")
+    kernel = f"inductor, {'cuda' if on_gpu else 'cpu'}, batch 1" if compiled else ('cuda' if on_gpu else 'cpu')
+    return Check(name, "pass", f"mask and -log N score_mod match dense SDPA, max abs diff {diff:.2e} ({seconds:.1f} s"
+                 f"{' incl. compile' if compiled else ''}, {kernel})")
 
 
 # ---------------------------------------------------------------- hardware

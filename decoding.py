@@ -399,10 +399,62 @@ def fused_row(tokenizer, parts, positions: str = "left") -> Row:
     return layout_row(shared, blocks, positions)
 
 
+def row_parts(row: Row) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """The inverse of `layout_row`: a row's shared parts and paraphrase blocks, read from its segment ids."""
+    shared: dict[int, list[int]] = {}
+    blocks: dict[int, dict[int, list[int]]] = {}
+    for token, seg in zip(row.input_ids, row.segment_ids):
+        block, local = divmod(seg, SHOT_STRIDE)
+        if seg == FUSED_SEGMENT or (block == 0 and local > 0):  # the question's block sorts after every example
+            block = FUSED_SEGMENT
+        if seg in (PREFIX_SEGMENT, FUSED_SEGMENT) or local == SHOT_ANSWER:
+            shared.setdefault(block, []).append(token)
+        elif seg != PAD_SEGMENT:
+            blocks.setdefault(block, {}).setdefault(local, []).append(token)
+    order = sorted(blocks)
+    return ([shared.get(0, [])] + [shared.get(j, []) for j in order],
+            [[blocks[j].get(i, []) for i in range(1, max(blocks[j]) + 1)] for j in order])
+
+
+def positions_scheme(row: Row) -> str:
+    """continuous when the row's positions are 0..L-1, else left (right needs as many positions as left)."""
+    return "continuous" if row.position_ids == list(range(len(row.position_ids))) else "left"
+
+
+def positions_needed(rows: list[Row], max_new_tokens: int) -> int:
+    return max(max(r.position_ids) + 1 for r in rows) + max_new_tokens
+
+
+def largest_fitting_n(rows: list[Row], max_new_tokens: int, limit: int) -> int:
+    """The largest N whose prompt and answer fit `limit` positions: for one row per paraphrase (logit level),
+    how many leading rows fit; for a fused row, its first N paraphrases of every block laid out again from this
+    row's own tokens (the layout that `fused_row` gives for N, up to the tokens merged across a cut)."""
+    if len(rows) > 1:
+        return next((k for k, row in enumerate(rows) if positions_needed([row], max_new_tokens) > limit), len(rows))
+    shared, blocks = row_parts(rows[0])
+    scheme = positions_scheme(rows[0])
+    fits = [positions_needed([layout_row(shared, [b[:k] for b in blocks], scheme)], max_new_tokens) <= limit
+            for k in range(1, len(blocks[-1]) + 1 if blocks else 1)]
+    return next((k for k, ok in enumerate(fits) if not ok), len(fits))
+
+
+def growth(rows: list[Row], fitting: int) -> str:
+    """How a question's positions grow with N, for the error message."""
+    if fitting == 0:
+        return "even one paraphrase is too long"
+    if len(rows) > 1:
+        return "one row per paraphrase: the positions are its longest prompt's, whatever N"
+    if positions_scheme(rows[0]) == "continuous":
+        return "with --positions continuous the positions grow with every paraphrase"
+    return "with --positions left or right the positions grow with the longest paraphrase, not with N"
+
+
 def check_context(model, rows: list[Row], max_new_tokens: int, where: str) -> None:
-    """A prompt plus its answer must fit the model's context window."""
+    """A prompt plus its answer must fit the model's context window; the error names the largest N that fits."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    longest = max(max(r.position_ids) + 1 for r in rows) + max_new_tokens
-    if limit is not None and longest > limit:
-        raise InputError(f"question {where}: prompt and answer need {longest} positions, more than the model's "
-                         f"context of {limit}; use fewer paraphrases or --max-new-tokens")
+    needed = positions_needed(rows, max_new_tokens)
+    if limit is not None and needed > limit:
+        fitting = largest_fitting_n(rows, max_new_tokens, limit)
+        raise InputError(f"question {where}: prompt and answer need {needed} positions, more than the model's "
+                         f"context of {limit}; the largest N that fits is {fitting} ({growth(rows, fitting)}); "
+                         f"or lower --max-new-tokens")

@@ -1,15 +1,15 @@
 """Looking inside attention-level fusion, for the debug tool and the example: a fused row's segments
-with their text, each paraphrase's K/V after the fused prefill against that paraphrase run alone, and
-greedy decoding step by step with the top-k candidates."""
+with their text, each paraphrase's K/V after the fused prefill against that paraphrase run alone,
+greedy decoding step by step with the top-k candidates, and each generated token's attention share."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from decoding import PaddingMask, Row, greedy, pad_left, prefill
 from fusion import FusionSettings
-from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, segment_name
+from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, allowed_matrix, segment_name
 
 
 # ---------------------------------------------------------------- segments of a row
@@ -39,7 +39,7 @@ def segments_of(segment_ids: list[int]) -> list[Segment]:
 def fused_prefill(model, row: Row, settings: FusionSettings):
     """The fused layout run once through the model with the project's mask; the filled KV cache."""
     ids, pos, seg = pad_left([row], 0, model.device)
-    mask = SegmentMask(seg, 0, settings, dtype=model.dtype)
+    mask = SegmentMask(seg, 0, replace(settings, record_attention=False), dtype=model.dtype)
     with mask.attention(model):
         return prefill(model, ids, pos, mask.prefill())[1]
 
@@ -66,22 +66,35 @@ class LayerDiff:
 
 
 def isolation_diffs(model, row: Row, settings: FusionSettings) -> dict[str, list[LayerDiff]]:
-    """Per segment (prefix and each paraphrase), per layer: the difference between the fused prefill's
-    cache and prefix + that segment run alone at the same positions. The prefix is the same causal
-    computation in both runs: its diff is the noise floor of two sequence lengths."""
+    """Per segment (prefix and each paraphrase, few-shot blocks' included), per layer: the difference between
+    the fused prefill's cache and that segment run with only the tokens before it that it may see, at the same
+    positions (`reference_prefill`). A leak moves it: whatever a segment must not see is not in its reference.
+    The prefix is the same causal computation in both runs: its diff is the noise floor of two lengths."""
     fused = fused_prefill(model, row, settings)
+    allowed = allowed_matrix(row.segment_ids, settings.isolation)
     prefix = [i for i, s in enumerate(row.segment_ids) if s == PREFIX_SEGMENT]
     out: dict[str, list[LayerDiff]] = {}
     for seg in segments_of(row.segment_ids):
         if seg.segment_id in (PREFIX_SEGMENT, FUSED_SEGMENT, PAD_SEGMENT):
             continue
-        alone = plain_prefill(model, take(row, prefix + list(range(seg.start, seg.end))))
+        seen = allowed[seg.start:seg.end, :seg.start].any(0).nonzero().flatten().tolist()
+        alone = reference_prefill(model, take(row, seen + list(range(seg.start, seg.end))), settings)
         if "prefix" not in out:
             out["prefix"] = [layer_diff(f, a, slice(0, len(prefix)), slice(0, len(prefix)))
                              for f, a in zip(fused.layers, alone.layers)]
-        out[seg.name] = [layer_diff(f, a, slice(seg.start, seg.end), slice(len(prefix), None))
+        out[seg.name] = [layer_diff(f, a, slice(seg.start, seg.end), slice(len(seen), None))
                          for f, a in zip(fused.layers, alone.layers)]
     return out
+
+
+def reference_prefill(model, row: Row, settings: FusionSettings):
+    """A segment and what it sees: through plain causal SDPA when the shorter row's own mask is plain causal
+    (prefix + one paraphrase; or the paraphrases before it, with --isolation none): a reference independent of
+    the mask code; else (a later few-shot block, with --fewshot-format fused) through the mask itself."""
+    length = len(row.input_ids)
+    if allowed_matrix(row.segment_ids, settings.isolation).equal(torch.ones(length, length).tril().bool()):
+        return plain_prefill(model, row)
+    return fused_prefill(model, row, settings)
 
 
 def layer_diff(fused_layer, alone_layer, fused_span: slice, alone_span: slice) -> LayerDiff:
@@ -138,6 +151,45 @@ def print_steps(tokenizer, tokens: list[int], chooser: TopK) -> None:
         shown = ", ".join(f"{tokenizer.decode([t])!r} {p:.3f}" for t, p in candidates)
         print(f"  step {step:>2}: {tokenizer.decode([token])!r} (id {token})  | top-{len(candidates)}: {shown}")
 
+
+
+# ---------------------------------------------------------------- attention shares
+
+BAR_WIDTH = 10  # characters for the paraphrases' whole share
+EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def share_bar(share: float, width: int = BAR_WIDTH) -> str:
+    """A share as a bar of block characters, in eighths of a character."""
+    full, eighths = divmod(round(max(share, 0.0) * width * 8), 8)
+    return "█" * full + (EIGHTHS[eighths] if eighths else "")
+
+
+def share_labels(n: int) -> list[str]:
+    """The share's columns: P the prefix, 1..N the paraphrases, S the suffix and generated tokens."""
+    return ["P", *(str(i) for i in range(1, n + 1)), "S"]
+
+
+def share_line(share: list[float], bars: bool = True) -> str:
+    """`P 0.41 | 1 ███ 0.20 | 2 ██ 0.15 | S 0.10`: the shares as numbers; each paraphrase's bar is its part of
+    the paraphrases' total (BAR_WIDTH characters: all of it), since the prefix usually takes most of the mass."""
+    labels, total = share_labels(len(share) - 2), max(sum(share[1:-1]), 1e-30)
+    cells = [f"{label} {share_bar(value / total) + ' ' if bars and 0 < i < len(share) - 1 else ''}{value:.2f}"
+             for i, (label, value) in enumerate(zip(labels, share))]
+    return " | ".join(cells)
+
+
+def print_shares(tokenizer, tokens: list[int], per_layer: torch.Tensor, verbose: bool) -> None:
+    """Each generated token's share (per_layer [tokens, layers, N+2]), averaged over layers; every layer's
+    with verbose."""
+    print("attention share of each generated token (P prefix, 1..N paraphrases, S suffix and generated tokens; "
+          f"mean over heads and layers, of the query that chose the token; a bar of {BAR_WIDTH}: all of the "
+          "paraphrases' share):")
+    for step, (token, layers) in enumerate(zip(tokens, per_layer), 1):
+        print(f"  step {step:>2}: {share_line(layers.mean(0).tolist())}  {tokenizer.decode([token])!r}")
+        if verbose:
+            for i, layer in enumerate(layers):
+                print(f"      layer {i:>2}: {share_line(layer.tolist(), bars=False)}")
 
 
 # ---------------------------------------------------------------- printing a row

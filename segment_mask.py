@@ -90,19 +90,30 @@ def segment_block(seg: torch.Tensor) -> torch.Tensor:
     return torch.where(seg == FUSED_SEGMENT, 0, seg // SHOT_STRIDE)
 
 
+def lookup(table: torch.Tensor, index: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    """table[index] for a 1D table captured by a mask_mod or score_mod, written so that compiled flex's C++
+    names no symbolic size. Inductor's CPU flex template renames its two block-size symbols by plain text
+    replacement (torch 2.13: "ks4" -> "cur_kvSplitSize" also turns "ks42" into the undeclared
+    "cur_kvSplitSize2"), so any size symbol in a subgraph (a plain table[index] writes the table's length for
+    the negative-index wrap; a captured Python int becomes one too) may break the build (docs/compile.md).
+    No wrap, no bounds check: indices must be in range (the tables are padded a block past the end);
+    negative ones read `fill`."""
+    return torch.ops.aten._unsafe_masked_index(table, index >= 0, [index], fill)
+
+
 def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor, isolation: str = "full") -> MaskMod:
     """Who may attend to whom, from segment ids [B, T] (T covers prompt and generated tokens).
     Query i of a call is token i + q_offset of the row (decode steps start past the prompt). isolation
     "none" adds `paraphrases_see_each_other` (the ablation); "full" is the method."""
     from torch.nn.attention.flex_attention import and_masks, or_masks
-    row_len = segment_ids.shape[1]
-    flat = segment_ids.flatten()  # compiled flex handles 1D lookups (2D captured tensors crashed on CPU)
+    row_len = torch.tensor(segment_ids.shape[1], device=segment_ids.device)  # a tensor: see `lookup`
+    flat = segment_ids.flatten()
 
     def q_segment(b, q_idx):
-        return flat[b * row_len + q_idx + q_offset]
+        return lookup(flat, b * row_len + q_idx + q_offset, PAD_SEGMENT)
 
     def kv_segment(b, kv_idx):
-        return flat[b * row_len + kv_idx]
+        return lookup(flat, b * row_len + kv_idx, PAD_SEGMENT)
 
     def causal(b, h, q_idx, kv_idx):
         """A token never sees the future."""
@@ -159,13 +170,13 @@ def fused_key_score(score: torch.Tensor, q_seg: torch.Tensor, kv_seg: torch.Tens
 def fusion_score_mod(segment_ids: torch.Tensor, key_scale: torch.Tensor, key_bias: torch.Tensor,
                      q_offset: torch.Tensor):
     """`fused_key_score` as a FlexAttention score_mod; key_scale/key_bias [B, T] hold each key's 1/T and bias."""
-    row_len = segment_ids.shape[1]
+    row_len = torch.tensor(segment_ids.shape[1], device=segment_ids.device)  # a tensor: see `lookup`
     flat_seg, flat_scale, flat_bias = segment_ids.flatten(), key_scale.flatten(), key_bias.flatten()
 
     def score_mod(score, b, h, q_idx, kv_idx):
         kv = b * row_len + kv_idx
-        return fused_key_score(score, flat_seg[b * row_len + q_idx + q_offset], flat_seg[kv], flat_scale[kv],
-                               flat_bias[kv])
+        return fused_key_score(score, lookup(flat_seg, b * row_len + q_idx + q_offset), lookup(flat_seg, kv),
+                               lookup(flat_scale, kv), lookup(flat_bias, kv))
     return score_mod
 
 
@@ -369,9 +380,11 @@ class AttentionShares:
         column and averaged over heads."""
         q = query[:, :, -1:].float()
         k = key.float().repeat_interleave(q.shape[1] // key.shape[1], dim=1)
+        rule = {name: t.to(q.device) for name, t in self.rule.items()}  # layers may sit on several devices
         scores = (q @ k.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5)
-        probs = torch.softmax(scores * self.rule.get("fusion_scale", 1.0) + self.rule["attention_mask"], dim=-1)
-        self.layers.append(torch.einsum("bk,bkc->bc", probs.mean(1)[:, 0], self.columns[:, :k.shape[2]]))
+        probs = torch.softmax(scores * rule.get("fusion_scale", 1.0) + rule["attention_mask"], dim=-1)
+        share = torch.einsum("bk,bkc->bc", probs.mean(1)[:, 0], self.columns[:, :k.shape[2]].to(q.device))
+        self.layers.append(share.to(self.columns.device))
 
     def flush(self) -> None:
         """The last forward's layers into each live row's history."""
@@ -442,7 +455,7 @@ class SegmentMask:
     def attention(self, model):
         """The attention implementation this mask is rendered for, for the length of one decode."""
         name = {"flex": FLEX_ATTENTION, "sdpa": DENSE_ATTENTION if self.key_scale is not None else "sdpa"}
-        return attention_implementation(model, name[self.backend] + (RECORDING if self.shares else ""))
+        return attention_implementation(model, name[self.backend] + (RECORDING if self.shares is not None else ""))
 
     def mask_mod(self, offset: torch.Tensor) -> MaskMod:
         return segment_mask_mod(self.segment_ids, offset, self.isolation)
@@ -501,7 +514,8 @@ class SegmentMask:
         return self.recorded({**self.full, "attention_mask": block, "fusion_score_mod": self.score_mod(offset)}, q)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.segment_ids, self.score_ids = self.segment_ids[rows], self.score_ids[rows]
+        self.segment_ids = self.segment_ids[rows]
+        self.score_ids = score_segments(self.segment_ids, self.isolation)  # the same tensor with full isolation
         if self.shares is not None:
             self.shares.select(rows)
         if self.key_bias is not None:

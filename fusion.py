@@ -41,7 +41,7 @@ class FusionSettings:
         if self.positions == "aligned":
             object.__setattr__(self, "positions", "left")
         if self.bias not in FUSION_BIASES:
-            object.__setattr__(self, "bias", f"{numeric_bias(self.bias):g}")
+            object.__setattr__(self, "bias", repr(numeric_bias(self.bias)))  # the shortest exact spelling
         for flag, value, choices in (("--positions", self.positions, POSITIONS),
                                      ("--fewshot-format", self.fewshot, FEWSHOT_FORMATS),
                                      ("--attn", self.backend, BACKENDS), ("--isolation", self.isolation, ISOLATIONS)):

@@ -140,7 +140,6 @@ def test_past_the_recompile_limit_the_run_stops_in_one_line(tmp_path, monkeypatc
 
     from constants import REPO_DIR
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     data = tmp_path / "d.jsonl"
     rows = [{"uuid": "t", "paraphrases": ["shot?"], "answers": ["a"], "split": "train"},
             {"uuid": "q", "paraphrases": ["a?", "b?", "c?"], "answers": ["a"]}]
@@ -149,7 +148,7 @@ def test_past_the_recompile_limit_the_run_stops_in_one_line(tmp_path, monkeypatc
                                       "--model", "tiny-llama", "--num_paraphrases", "3", "--attn", "flex", "--compile",
                                       "on", "--batch-size", "1", "--max-new-tokens", "3", "--no-progress",
                                       "--output-dir", str(tmp_path / "out")])
-    with pytest.raises(SystemExit) as exit_info:
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO_DIR / "flex_attention_generate.py"), run_name="__main__")
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     torch._dynamo.reset()

@@ -311,7 +311,7 @@ def test_debug_max_tokens_and_v_are_upstreams_spellings(tmp_path, monkeypatch, c
         "--dataset", "jsonl", "--data-file", str(data), *TINY, "--max-samples", "1", "--num-paraphrases", "2",
         "--max-tokens", "3", "-v", "--output-dir", str(tmp_path / "d")], monkeypatch, capsys)
     assert code == 0, stdout + stderr
-    steps = re.findall(r"^\s+step\s+\d+: ", stdout, re.M)
+    steps = re.findall(r"^\s+step\s+\d+: .*\| top-", stdout, re.M)
     assert 1 <= len(steps) <= 3  # --max-tokens 3 (the default is 16)
     assert "layer" in stdout  # -v: every layer's isolation diff
 

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 N ?= 5
 RESULTS := results/webqa_sample/smollm2_135m_it
 
-.PHONY: setup model demo test bench sweep study gpu-check clean
+.PHONY: setup model demo test bench sweep study gpu-check mutation clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt Makefile
@@ -37,10 +37,17 @@ bench: model
 sweep: model
 	$(BIN)/python sweep.py --max-n $(N)
 
-# make study: the attention-level variants on the dev set (300 questions, N=5), as the defaults were chosen
+# make study: the attention-level variants (sweep.py --study: positions, bias, temperature, few-shot format,
+# isolation, numeric bias, leave-one-out) at N=5 on the WebQuestions dev set (300 questions), and on a second dev
+# set when MYRIADLAMA_DEV names a JSONL of MyriadLAMA facts (manual templates first; --task mask)
+MYRIADLAMA_DEV ?=
 study: model
 	$(BIN)/python sweep.py --study --dataset jsonl --data-file data/webqa_dev.jsonl --min-n $(N) --max-n $(N) \
-	  --output-dir results/study
+	  --output-dir results/study/webqa_dev
+	@if [ -n "$(MYRIADLAMA_DEV)" ]; then \
+	  $(BIN)/python sweep.py --study --dataset jsonl --task mask --data-file $(MYRIADLAMA_DEV) --min-n $(N) --max-n $(N) \
+	    --output-dir results/study/myriadlama_dev; \
+	else echo "study: set MYRIADLAMA_DEV=<facts.jsonl> for the second dev set"; fi
 
 # make gpu-check: on one CUDA GPU, in under 8 minutes: the tests marked cuda, then benchmarks/gpu_check.py (the
 # timing table, also as benchmarks/results/gpu_check.json). It uses .venv where there is one, else $(PYTHON) as it
@@ -58,6 +65,38 @@ gpu-check:
 	  f'gpu-check: no CUDA GPU visible to torch {torch.__version__} ({sys.executable}); run it on a GPU machine')"
 	$(GPU_PYTHON) -m pytest -q -rfEs -m cuda tests/test_cuda.py
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# make mutation: mutation testing of the core with mutmut 3 (installed here, not a requirement: users and CI do not
+# need it; not in CI either, it is long: see docs/mutation.md for the scores and the run time). It runs in a fresh
+# scratch copy, $(MUTATION_DIR) (the modules under src/, tests/, setup.cfg's [mutmut] section, pytest.ini), one
+# module at a time with one worker and the fast test selection of setup.cfg, and prints each module's score;
+# $(MUTATION_DIR)/<module>.survivors lists what survived. MUTATION_MODULES=... runs some of them.
+MUTATION_DIR := .cache/mutation
+MUTATION_MODULES ?= scoring confidence results dataset segment_mask decoding methods
+# dataset.py: its prompt building and upstream's recipes (the readers and the hub access are out of scope)
+MUTATION_DATASET := dataset.x*PromptParts* dataset.x*Dataset* dataset.x_upstream_few_shot* dataset.x_question_uuid* \
+  dataset.x_webq_order* dataset.x_load_webqa* dataset.x_group_facts* dataset.x_fill_template* dataset.x_as_list* \
+  dataset.x_is_manual* dataset.x_auto_count* dataset.x_resolve_paraphrase_set* dataset.x_fact_prompts* \
+  dataset.x_few_shot_example* dataset.x_parity_gaps* dataset.x_load_myriadlama* dataset.x_check_masks*
+MUTATION_SCORE = import fnmatch, json, sys; m, secs, pats = sys.argv[1], sys.argv[2], sys.argv[3:]; \
+  codes = json.load(open(f"mutants/src/{m}.py.meta"))["exit_code_by_key"]; \
+  codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, p) for p in pats)}; \
+  killed = sum(v in (1, 3) for v in codes.values()); timeout = sum(v in (24, -24, 36, 152, 255) for v in codes.values()); \
+  rest = {k: v for k, v in codes.items() if v not in (1, 3, 24, -24, 36, 152, 255)}; \
+  open(f"{m}.survivors", "w").write("".join(f"{k} {v}\n" for k, v in sorted(rest.items()))); \
+  print(f"mutation {m}: {len(codes)} mutants, {killed} killed, {timeout} timed out, {len(rest)} not killed " \
+        f"({100 * (killed + timeout) / max(len(codes), 1):.1f}% caught) in {secs} s; see $(MUTATION_DIR)/{m}.survivors")
+
+mutation: setup
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check "mutmut>=3.8,<4"
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)/src
+	cp -p *.py $(MUTATION_DIR)/src/ && cp -rp data $(MUTATION_DIR)/src/ && cp -rp tests setup.cfg pytest.ini $(MUTATION_DIR)/
+	@set -f; cd $(MUTATION_DIR) && for m in $(MUTATION_MODULES); do \
+	  if [ $$m = dataset ]; then pats="$(MUTATION_DATASET)"; else pats="$$m.*"; fi; \
+	  echo "mutation: $$m (log: $(MUTATION_DIR)/$$m.log)"; start=$$(date +%s); \
+	  $(abspath $(BIN))/mutmut run --max-children 1 $$pats > $$m.log 2>&1 || { tail -c 2000 $$m.log; exit 1; }; \
+	  $(abspath $(BIN))/python -c '$(MUTATION_SCORE)' $$m $$(( $$(date +%s) - start )) $$pats || exit 1; \
+	done
 
 clean:
 	rm -rf results benchmarks/results

@@ -1,0 +1,160 @@
+"""Defining behaviour of the logit-level fusion rules (methods.fuse_logits) on hand-made logits where the rules
+disagree, and of the small pure pieces of methods.py (token counts, the backend choice, the fusion biases).
+Every expected token is worked out by hand from the rule's definition (the sums are in the comments)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import methods
+from constants import InputError
+from dataset import Record
+from decoding import Row
+from fusion import FusionSettings
+from methods import fuse_logits, fusion_biases, resolve_backend, token_counts
+from segment_mask import FUSED_SEGMENT, segment_biases
+
+# one question, N = 3 paraphrases, V = 4 tokens, as probabilities (each row sums to 1)
+P = [[0.01, 0.47, 0.02, 0.50],
+     [0.16, 0.58, 0.13, 0.13],
+     [0.68, 0.02, 0.04, 0.26]]
+W = [0.5, 0.4, 0.1]  # confidence weights: paraphrase 0 the most confident, paraphrase 2 the least
+SHIFT = [[3.0], [-2.0], [0.5]]  # logits are log-probabilities plus any constant per row: the rules must not care
+#   avg          mean log p:   t0 -2.275  t1 -1.737  t2 -3.057  t3 -1.360  -> 3 (no row gives it a tiny p)
+#   avg_prob     mean p:       t0 0.283   t1 0.357   t2 0.063   t3 0.297   -> 1
+#   max          max p:        t0 0.68    t1 0.58    t2 0.13    t3 0.50    -> 0
+#   weighted_avg sum w log p:  t0 -3.07   t1 -0.987  t2 -3.3    t3 -1.298  -> 1
+#   weighted_max the argmax of paraphrase 0 alone (weight 0.5):             -> 3 (paraphrase 2, weight 0.1: 0)
+EXPECTED = {"avg": 3, "avg_prob": 1, "max": 0, "weighted_avg": 1, "weighted_max": 3}
+
+
+def logits_of(probs, shift=SHIFT) -> torch.Tensor:
+    return torch.tensor(probs).log() + torch.tensor(shift)
+
+
+def batch_of_two():
+    """Question 0 as above; question 1 the same rows with the vocabulary reversed (token t -> 3 - t) and the
+    weights reversed too, so its most confident paraphrase is paraphrase 2."""
+    logits = torch.stack([logits_of(P), logits_of([row[::-1] for row in P])])
+    weights = torch.tensor([W, W[::-1]])
+    return logits, weights
+
+
+@pytest.mark.parametrize("method", list(EXPECTED))
+def test_each_fusion_rule_on_hand_made_logits(method):
+    weights = torch.tensor([W]) if method.startswith("weighted") else None
+    assert fuse_logits(logits_of(P)[None], method, weights).tolist() == [EXPECTED[method]]
+
+
+def test_the_rules_disagree_on_these_logits():
+    assert len({EXPECTED["avg"], EXPECTED["avg_prob"], EXPECTED["max"]}) == 3
+    assert EXPECTED["weighted_avg"] != EXPECTED["avg"] and EXPECTED["weighted_max"] != EXPECTED["weighted_avg"]
+
+
+def test_each_rule_decides_per_question_of_a_batch():
+    logits, weights = batch_of_two()
+    for method in ("avg", "avg_prob", "max"):
+        assert fuse_logits(logits, method).tolist() == [EXPECTED[method], 3 - EXPECTED[method]], method
+    # question 1's weights are reversed: its most confident paraphrase is 2, whose reversed row peaks at token 3
+    assert fuse_logits(logits, "weighted_max", weights).tolist() == [3, 3]
+    # question 1, sum w log p with w = (0.1, 0.4, 0.5), in reversed token order:
+    #   t3 (old t0) -1.387   t2 (old t1) -2.25   t1 (old t2) -2.82   t0 (old t3) -1.559  -> 3
+    assert fuse_logits(logits, "weighted_avg", weights).tolist() == [1, 3]
+
+
+def test_weighted_avg_with_equal_weights_is_avg_and_one_hot_weights_read_one_paraphrase():
+    logits = logits_of(P)[None]
+    assert fuse_logits(logits, "weighted_avg", torch.full((1, 3), 1 / 3)).tolist() == [EXPECTED["avg"]]
+    for i in range(3):
+        one_hot = torch.nn.functional.one_hot(torch.tensor([i]), 3).float()
+        alone = max(range(4), key=lambda t: P[i][t])
+        assert fuse_logits(logits, "weighted_avg", one_hot).tolist() == [alone]
+        assert fuse_logits(logits, "weighted_max", one_hot).tolist() == [alone]
+
+
+def test_max_compares_probabilities_not_raw_logits():
+    # paraphrase 1's logits are shifted far up: as raw logits it would win every token; as probabilities it does not
+    logits = logits_of(P, [[0.0], [40.0], [0.0]])[None]
+    assert fuse_logits(logits, "max").tolist() == [0]
+    assert fuse_logits(logits, "avg_prob").tolist() == [1]
+
+
+def test_an_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown fusion method 'median'"):
+        fuse_logits(logits_of(P)[None], "median")
+
+
+def test_token_counts_count_prompt_tokens_beyond_the_prefix_and_every_row_per_step():
+    F = FUSED_SEGMENT
+    rows = [Row([1] * 6, [0, 0, 1, 1, F, F], list(range(6))), Row([1] * 5, [0, 0, 2, F, F], list(range(5)))]
+    assert token_counts(rows, [7, 8, 9]) == {"prompt_tokens": 4 + 3, "decode_tokens": 2 * 2}
+    assert token_counts(rows[:1], [7]) == {"prompt_tokens": 4, "decode_tokens": 0}
+    assert token_counts(rows[:1], []) == {"prompt_tokens": 4, "decode_tokens": 0}
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize(("attn", "compile", "device", "expected"), [
+    ("auto", "auto", CPU, ("sdpa", False, "sdpa (dense mask) (auto: sdpa measured faster on CPU)")),
+    ("auto", "off", CPU, ("sdpa", False, "sdpa (dense mask) (auto: sdpa measured faster on CPU)")),
+    ("auto", "auto", CUDA, ("flex", True, "flex (compiled) (auto on CUDA: FlexAttention's block sparsity; not yet "
+                                          "measured against sdpa)")),
+    ("auto", "off", CUDA, ("flex", False, "flex (eager) (auto on CUDA: FlexAttention's block sparsity; not yet "
+                                          "measured against sdpa)")),
+    ("sdpa", "auto", CUDA, ("sdpa", False, "sdpa (dense mask)")),
+    ("sdpa", "off", CPU, ("sdpa", False, "sdpa (dense mask)")),
+    ("flex", "auto", CPU, ("flex", False, "flex (eager)")),
+    ("flex", "off", CUDA, ("flex", False, "flex (eager)")),
+    ("flex", "auto", CUDA, ("flex", True, "flex (compiled)")),
+    ("flex", "on", CUDA, ("flex", True, "flex (compiled)")),
+    ("flex", "on", CPU, ("flex", True, "flex (compiled)")),  # on the CPU only when asked
+])
+def test_resolve_backend(attn, compile, device, expected):
+    assert resolve_backend(attn, compile, device) == expected
+
+
+@pytest.mark.parametrize(("attn", "compile", "device", "device_map", "message"), [
+    ("sdpa", "on", CPU, None, "--compile on applies to --attn flex only; drop it or choose --attn flex"),
+    ("auto", "on", CPU, None, "--compile on applies to --attn flex only; drop it or choose --attn flex"),
+    ("flex", "off", CUDA, "auto", "--attn flex with --device-map auto: the mask cannot follow layers across devices; "
+                                  "use --attn sdpa (its dense mask is moved with each layer's inputs)"),
+])
+def test_resolve_backend_refuses(attn, compile, device, device_map, message):
+    with pytest.raises(InputError) as err:
+        resolve_backend(attn, compile, device, device_map)
+    assert str(err.value) == message
+
+
+def test_sdpa_takes_a_device_map_and_flex_needs_flexattention(monkeypatch):
+    assert resolve_backend("sdpa", "off", CPU, "auto")[0] == "sdpa"
+    monkeypatch.setattr(methods, "flex_available", lambda: False)
+    with pytest.raises(InputError, match=r"--attn flex: this torch \(.*\) has no FlexAttention; upgrade torch or "
+                                         r"choose --attn sdpa"):
+        resolve_backend("flex", "off", CPU)
+    assert resolve_backend("auto", "auto", CPU)[0] == "sdpa"  # sdpa needs no FlexAttention
+
+
+def test_segment_biases_by_mode():
+    assert segment_biases(3, "none") == [0.0, 0.0, 0.0]
+    assert segment_biases(4, "uniform") == [-math.log(4)] * 4
+    assert segment_biases(2, "confidence", [0.25, 0.75]) == [math.log(0.25), math.log(0.75)]
+    assert segment_biases(2, "confidence", [1.0, 0.0]) == [0.0, math.log(1e-6)]  # a zero weight: log 1e-6
+    assert segment_biases(2, "confidence", [1.0, 1e-7]) == [0.0, math.log(1e-6)]
+    assert segment_biases(2, "confidence", [0.5, 2e-6]) == [math.log(0.5), math.log(2e-6)]
+    assert segment_biases(3, "-0.5") == [-0.5, -0.5, -0.5]
+
+
+def test_fusion_biases_per_question():
+    batch = [Record("a", ["x", "y"], []), Record("b", ["x", "y"], [])]
+    weights = {"a": ([0.25, 0.75], False), "b": ([0.5, 0.5], True)}
+    assert fusion_biases(FusionSettings(bias="none"), batch, 2, weights, CPU) is None
+    uniform = fusion_biases(FusionSettings(bias="uniform"), batch, 2, None, CPU)
+    assert uniform.shape == (2, 2) and torch.allclose(uniform, torch.full((2, 2), -math.log(2)))
+    conf = fusion_biases(FusionSettings(bias="confidence"), batch, 2, weights, CPU)
+    assert torch.allclose(conf, torch.tensor([[math.log(0.25), math.log(0.75)], [math.log(0.5)] * 2]))
+    assert torch.allclose(fusion_biases(FusionSettings(bias="1.5"), batch, 2, None, CPU), torch.full((2, 2), 1.5))
+    with pytest.raises(ValueError, match="fusion bias confidence needs each question's confidence weights"):
+        fusion_biases(FusionSettings(bias="confidence"), batch, 2, None, CPU)

@@ -1,0 +1,211 @@
+"""Defining behaviour of the methods end to end (methods.py, through decoding.decode and segment_mask.SegmentMask)
+on a tiny random model, against reference decoders written here: per_prompt/origin are greedy decoding of each
+prompt alone; avg/max/weighted_* fuse the N prompts' next-token distributions by the rule's definition at every
+step; attention-level fusion is the fused row read under the rule written out token by token (a 4D additive mask:
+prefix for all, a paraphrase itself, the suffix and answer everything, the bias on the paraphrase keys the answer
+reads) and run again in full at every step. Plus the result rows' fields."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from confidence import normalised_weights
+from conftest import cached_tiny
+from dataset import Dataset, Record
+from decoding import LanguageModel, PrefixCache, StopRule, fused_row, single_rows
+from fusion import FusionSettings
+from methods import answer_ensemble, answer_fused, answer_per_prompt, decode_fused
+from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT
+
+STEPS = 4
+DATA = Dataset("t", "qa", [
+    Record("q1", ["who wrote hamlet?", "hamlet is by whom?", "the author of hamlet?"], ["Shakespeare"]),
+    Record("q2", ["where is rome?", "rome lies in which country, if you know?", "rome?"], ["Italy"]),
+], [("2+2?", "4")])
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return cached_tiny("llama")
+
+
+def stop() -> StopRule:
+    return StopRule(set(), STEPS, first_line_only=False)
+
+
+@torch.inference_mode()
+def greedy_alone(model, ids: list[int]) -> list[int]:
+    out: list[int] = []
+    for _ in range(STEPS):
+        out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+@torch.inference_mode()
+def fused_by_rule(model, prompts: list[list[int]], rule: str, weights=None) -> list[int]:
+    """Each step: every prompt's next-token distribution, fused by the rule's definition."""
+    out: list[int] = []
+    w = None if weights is None else torch.tensor(weights)
+    for _ in range(STEPS):
+        logits = torch.stack([model(torch.tensor([p + out])).logits[0, -1] for p in prompts])
+        logp = logits.log_softmax(-1)
+        score = {"avg": lambda: logp.mean(0), "avg_prob": lambda: logp.exp().mean(0),
+                 "max": lambda: logp.exp().max(0).values, "weighted_avg": lambda: (w[:, None] * logp).sum(0),
+                 "weighted_max": lambda: logits[int(w.argmax())]}[rule]()
+        out.append(int(score.argmax()))
+    return out
+
+
+def allowed(seg: list[int], q: int, k: int) -> bool:
+    if k == q:
+        return True
+    if k > q or seg[k] == PAD_SEGMENT:
+        return False
+    return seg[k] == PREFIX_SEGMENT or seg[k] == seg[q] or seg[q] == FUSED_SEGMENT
+
+
+@torch.inference_mode()
+def fused_attention_by_rule(model, row, biases: list[float] | None) -> list[int]:
+    ids, seg, pos = list(row.input_ids), list(row.segment_ids), list(row.position_ids)
+    out: list[int] = []
+    for _ in range(STEPS):
+        L = len(ids)
+        mask = torch.full((L, L), float("-inf"))
+        for q in range(L):
+            for k in range(L):
+                if allowed(seg, q, k):
+                    bias = biases[seg[k] - 1] if biases and seg[q] != seg[k] and 1 <= seg[k] <= len(biases) else 0.0
+                    mask[q, k] = bias
+        logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]),
+                       attention_mask=mask[None, None]).logits[0, -1]
+        token = int(logits.argmax())
+        out.append(token)
+        ids.append(token)
+        seg.append(FUSED_SEGMENT)
+        pos.append(pos[-1] + 1)
+    return out
+
+
+def prompts_of(tokenizer, record, n):
+    return [row.input_ids for row in single_rows(tokenizer, DATA.prompt_parts(record, n), list(range(n)))]
+
+
+# ---------------------------------------------------------------- per_prompt and origin
+
+def test_per_prompt_is_each_prompt_alone(llama):
+    model, tokenizer = llama
+    rows, stats = answer_per_prompt(LanguageModel(model, tokenizer), DATA, DATA.records, 2, stop(), "per_prompt")
+    assert [(r["uuid"], r["paraphrase_index"]) for r in rows] == [("q1", 0), ("q1", 1), ("q2", 0), ("q2", 1)]
+    for r in rows:
+        record = DATA.records[0 if r["uuid"] == "q1" else 1]
+        i = r["paraphrase_index"]
+        parts = DATA.prompt_parts(record, 2)
+        assert r["token_ids"] == greedy_alone(model, tokenizer(parts.full(i))["input_ids"])
+        assert r["paraphrases"] == [record.paraphrases[i]] and r["prompts"] == [parts.full(i)]
+        assert r["method"] == "per_prompt" and r["num_ensemble"] == 2 and r["paraphrase_indices"] == [i]
+        assert r["generation"] == tokenizer.decode(r["token_ids"], skip_special_tokens=True)
+        assert r["new_tokens"] == STEPS and r["decode_tokens"] == STEPS - 1
+        own = single_rows(tokenizer, parts, [i])[0]
+        assert r["prompt_tokens"] == sum(s != PREFIX_SEGMENT for s in own.segment_ids)
+        assert r["seconds"] == pytest.approx(stats.seconds / 4)
+    assert stats.steps == STEPS - 1
+
+
+def test_per_prompt_without_n_is_every_paraphrase_and_origin_the_first(llama):
+    model, tokenizer = llama
+    lm = LanguageModel(model, tokenizer)
+    every, _ = answer_per_prompt(lm, DATA, DATA.records[:1], None, stop(), "per_prompt")
+    assert [r["paraphrase_index"] for r in every] == [0, 1, 2] and {r["num_ensemble"] for r in every} == {3}
+    origin, _ = answer_per_prompt(lm, DATA, DATA.records, 3, stop(), "origin")
+    assert [(r["uuid"], r["paraphrase_index"], r["num_ensemble"]) for r in origin] == [("q1", 0, 1), ("q2", 0, 1)]
+    assert origin[1]["token_ids"] == greedy_alone(model, tokenizer(DATA.prompt_parts(DATA.records[1], 1).full(0))[
+        "input_ids"])
+    assert origin[0]["method"] == "origin"
+
+
+# ---------------------------------------------------------------- the logit-level ensembles
+
+@pytest.mark.parametrize("rule", ["avg", "avg_prob", "max"])
+def test_each_logit_level_rule_decodes_as_its_definition(llama, rule):
+    model, tokenizer = llama
+    rows, stats = answer_ensemble(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), rule)
+    for r, record in zip(rows, DATA.records):
+        assert r["token_ids"] == fused_by_rule(model, prompts_of(tokenizer, record, 3), rule), rule
+        assert r["method"] == rule and r["num_ensemble"] == 3 and r["paraphrase_index"] == -1
+        assert r["paraphrases"] == record.paraphrases[:3]
+        assert r["prompts"] == [DATA.prompt_parts(record, 3).full(i) for i in range(3)]
+        assert r["decode_tokens"] == (STEPS - 1) * 3 and r["paraphrase_indices"] == [0, 1, 2]
+        assert "weights" not in r
+    assert rows[0]["seconds"] == pytest.approx(stats.seconds / 2)
+
+
+@pytest.mark.parametrize("rule", ["weighted_avg", "weighted_max"])
+def test_weighted_rules_use_each_questions_normalised_confidence(llama, rule):
+    model, tokenizer = llama
+    conf = {"q1": [0.2, 0.5, 0.3], "q2": [0.0, 0.0, 0.0]}
+    rows, _ = answer_ensemble(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), rule, conf)
+    q1, q2 = rows
+    assert q1["weights"] == pytest.approx([0.2, 0.5, 0.3]) and q1["weights_fallback"] is False
+    assert q2["weights"] == pytest.approx([1 / 3] * 3) and q2["weights_fallback"] is True
+    for r, record in zip(rows, DATA.records):
+        weights = normalised_weights(conf[record.uuid])[0]
+        assert r["token_ids"] == fused_by_rule(model, prompts_of(tokenizer, record, 3), rule, weights)
+
+
+# ---------------------------------------------------------------- attention-level fusion
+
+@pytest.mark.parametrize("positions", ["left", "right", "continuous"])
+@pytest.mark.parametrize("bias", ["none", "uniform"])
+def test_attention_level_fusion_decodes_the_fused_row_under_the_rule(llama, positions, bias):
+    model, tokenizer = llama
+    settings = FusionSettings(positions=positions, bias=bias)
+    rows, stats = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), settings)
+    biases = None if bias == "none" else [-math.log(3)] * 3
+    for r, record in zip(rows, DATA.records):
+        row = fused_row(tokenizer, DATA.prompt_parts(record, 3), positions)
+        assert r["token_ids"] == fused_attention_by_rule(model, row, biases), (positions, bias)
+        assert r["method"] == "flex_attention" and r["num_ensemble"] == 3 and r["paraphrase_index"] == -1
+        assert r["prompts"] == [tokenizer.decode(row.input_ids)]
+        assert (r["positions"], r["fusion_bias"], r["attn_backend"]) == (positions, bias, "sdpa")
+        assert r["prompt_tokens"] == sum(s != PREFIX_SEGMENT for s in row.segment_ids)
+        assert r["decode_tokens"] == STEPS - 1 and "weights" not in r and "attention_share" not in r
+    assert stats.steps == STEPS - 1
+
+
+def test_confidence_bias_reads_each_paraphrase_by_its_weight(llama):
+    model, tokenizer = llama
+    weights = {"q1": ([0.7, 0.2, 0.1], False), "q2": ([1 / 3] * 3, True)}
+    rows, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(),
+                           FusionSettings(bias="confidence"), weights)
+    for r, record in zip(rows, DATA.records):
+        row = fused_row(tokenizer, DATA.prompt_parts(record, 3))
+        w = weights[record.uuid][0]
+        assert r["token_ids"] == fused_attention_by_rule(model, row, [math.log(x) for x in w])
+        assert r["weights"] == w and r["weights_fallback"] is weights[record.uuid][1]
+
+
+def test_flex_decodes_what_sdpa_decodes_and_records_attention_shares(llama):
+    model, tokenizer = llama
+    settings = FusionSettings(bias="uniform", temperature=0.5)
+    sdpa, _ = answer_fused(LanguageModel(model, tokenizer, None), DATA, DATA.records, 2, stop(), settings)
+    flex, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 2, stop(),
+                           settings.with_backend("flex"))
+    assert [r["token_ids"] for r in flex] == [r["token_ids"] for r in sdpa]
+    recorded, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 2, stop(),
+                               FusionSettings(bias="uniform", temperature=0.5, record_attention=True))
+    assert [r["token_ids"] for r in recorded] == [r["token_ids"] for r in sdpa]
+    for r in recorded:
+        shares = r["attention_share"]
+        assert len(shares) == STEPS and all(len(s) == 2 + 2 and sum(s) == pytest.approx(1.0) for s in shares)
+        assert all(x >= 0 for s in shares for x in s)
+
+
+def test_decode_fused_returns_the_rows_it_decoded(llama):
+    model, tokenizer = llama
+    rows, outputs, stats = decode_fused(LanguageModel(model, tokenizer, PrefixCache()), DATA, DATA.records[:1], 2,
+                                        stop(), FusionSettings(positions="right"))
+    assert rows == [fused_row(tokenizer, DATA.prompt_parts(DATA.records[0], 2), "right")]
+    # the default bias is uniform: -log N on every paraphrase the answer reads
+    assert outputs == [fused_attention_by_rule(model, rows[0], [-math.log(2)] * 2)] and stats.steps == STEPS - 1

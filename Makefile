@@ -35,7 +35,7 @@ bench: model
 
 # make sweep: N = 2..5 for every method on the bundled sample, then the report (accuracy against N, diversity)
 sweep: model
-	$(BIN)/python sweep.py --max-n $(N)
+	$(BIN)/python sweep.py --max-n $(N) --samples 3
 
 # make study: the attention-level variants (sweep.py --study: positions, bias, temperature, few-shot format,
 # isolation, numeric bias, leave-one-out) at N=5 on the WebQuestions dev set (300 questions), and on a second dev

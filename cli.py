@@ -16,7 +16,7 @@ from constants import (DATASETS, DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_DATASET, DE
                        DEFAULT_NUM_PARAPHRASES, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P,
                        DEFAULT_POSITIONS, EMBEDDED_MODEL, EXIT_BAD_INPUT, InputError)
 from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS
-from fusion import ISOLATIONS, POSITIONS, FusionSettings
+from fusion import BESIDE, ISOLATIONS, POSITIONS, FusionSettings
 from runner import Interrupted, RunConfig
 from selection import Selection
 
@@ -165,8 +165,11 @@ def add_fusion_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> N
     p.add_argument("--attn", choices=["auto", "flex", "sdpa"], default="auto",
                    help="flex: FlexAttention BlockMask; sdpa: the same mask dense (reference backend); auto: flex "
                         "on CUDA, sdpa on CPU")
-    p.add_argument("--fusion-bias", default=DEFAULT_FUSION_BIAS, metavar="{none,uniform,confidence,B}",
-                   help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight), or a "
+    p.add_argument("--fusion-bias", default=DEFAULT_FUSION_BIAS,
+                   metavar="{none,uniform,confidence,agreement,shares,B}",
+                   help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight), "
+                        "agreement log(share of the N single answers that agree with the paraphrase's own), shares "
+                        "(each paraphrase about the same attention share: log w, w ~ 1/first token's share), or a "
                         "number B added on every paraphrase (log of APE's scale S)")
     p.add_argument("--fusion-temperature", type=finite_float, default=DEFAULT_FUSION_TEMPERATURE,
                    help="the answer's scores on paraphrase keys divided by T (APE); 1: off")
@@ -179,6 +182,11 @@ def add_fusion_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> N
     p.add_argument("--record-attention", action="store_true",
                    help="keep in each row, per generated token, its attention share on the prefix, each paraphrase "
                         "and the suffix/generated tokens (averaged over heads and layers)")
+    p.add_argument("--beside", choices=BESIDE, default="none",
+                   help="rows decoded beside the fused one, log-probabilities combined each step: singles (the N "
+                        "plain prompts; (1-w) fused + w avg) or prior (the prompt without the question; (1+w) fused "
+                        "- w prior, PCED-style contrast)")
+    p.add_argument("--beside-weight", type=finite_float, default=0.5, help="w of --beside (default 0.5)")
     p.add_argument("--confidence-samples", type=int, default=DEFAULT_CONFIDENCE_SAMPLES,
                    help="K sampled answers per paraphrase for --fusion-bias confidence (upstream: 100)")
     if compile_flag:
@@ -233,7 +241,7 @@ def fusion_settings(args: argparse.Namespace, device) -> tuple[FusionSettings, s
     backend, compiled, label = resolve_backend(args.attn, getattr(args, "compile", "off"), device,
                                                getattr(args, "device_map", None))
     settings = FusionSettings(args.positions, args.fusion_bias, args.fusion_temperature, args.fewshot_format, backend,
-                              compiled, args.isolation, args.record_attention)
+                              compiled, args.isolation, args.record_attention, args.beside, args.beside_weight)
     return settings, label
 
 

@@ -128,6 +128,34 @@ def confidences(lm: LanguageModel, dataset: Dataset, records: list[Record], n: i
                        {u: float(sum(known[key]["seconds"] for key in keys)) for u, keys in keys_of.items()})
 
 
+def agreements(lm: LanguageModel, dataset: Dataset, records: list[Record], n: int, stop: StopRule) -> Confidences:
+    """Per paraphrase, how many of its question's N greedy single answers (its own included) agree with its
+    answer by upstream's rule (`scoring.answers_agree`): the votes its answer gets in the post-hoc majority
+    vote. An empty answer casts no vote and gets none. Costs the vote's N plain decodes per question."""
+    import scoring
+    rows = [row for r in records for row in single_rows(lm.tokenizer, dataset.prompt_parts(r, n), list(range(n)))]
+    start = time.perf_counter()
+    outputs, _ = decode(lm, rows, 1, greedy, stop)
+    seconds = (time.perf_counter() - start) / len(records)
+    values = {}
+    for q, record in enumerate(records):
+        answers = [answer_text(lm.tokenizer, tokens)[0] for tokens in outputs[q * n:(q + 1) * n]]
+        voters = [a for a in answers if a]
+        values[record.uuid] = [float(sum(scoring.answers_agree(a, voters))) if a else 0.0 for a in answers]
+    return Confidences(values, {r.uuid: seconds for r in records})
+
+
+def bias_weights(lm: LanguageModel, dataset: Dataset, records: list[Record], n: int, bias: str, stop: StopRule,
+                 k: int, results_dir: Path, seed: int, model_name: str, progress: bool = True) -> Confidences | None:
+    """What --fusion-bias confidence or agreement weighs each paraphrase with (None for the other biases)."""
+    if bias == "agreement":
+        return agreements(lm, dataset, records, n, stop)
+    if bias == "confidence":
+        return confidences(lm, dataset, records, n, k, stop, results_dir, seed, model_name=model_name,
+                           progress=progress)
+    return None
+
+
 def confidence_settings(lm: LanguageModel, k: int, stop: StopRule, seed: int, model_name: str,
                         temperature: float = CONFIDENCE_TEMPERATURE, top_p: float = CONFIDENCE_TOP_P
                         ) -> ConfidenceSettings:

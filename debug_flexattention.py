@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cli import add_fusion_flags, add_n_flag, common_parser, fusion_settings, main_guard, parse, run_config
-from confidence import confidences, normalised_weights
+from confidence import bias_weights, normalised_weights
 from constants import safe_name
 from decoding import Row, StopRule, answer_text, check_context, eos_ids, fused_row, pad_left
 from fusion import FusionSettings
@@ -159,12 +159,12 @@ def debug_sample(lm, dataset, record, args, settings: FusionSettings, weights, o
     n = args.num
     chooser = TopK(args.top_k)
     rows, outputs, _, shares = decode_fused_shares(lm, dataset, [record], n, stop, settings, weights, chooser)
-    row, tokens = rows[0], outputs[0]
+    row, tokens = rows[0][0], outputs[0]
     print(f"=== sample {index}: {record.uuid}  gold answers: {record.answers}")
     chosen = f" (--indexs {args.indexs})" if args.indexs else ""
     print(f"layout: {n} paraphrases{chosen}, {len(row.input_ids)} tokens")
     if weights:
-        print(f"confidence weights: {[round(w, 3) for w in weights[record.uuid][0]]}")
+        print(f"{settings.bias} weights: {[round(w, 3) for w in weights[record.uuid][0]]}")
     print_layout(lm.tokenizer, row, args.verbose)
     print_shapes(lm.model, row, settings)
     title = f"{record.uuid}: {n} paraphrases, {settings.positions}, isolation {settings.isolation}"
@@ -209,11 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     for record in dataset.records:  # every question checked before the first picture is written
         row = fused_row(lm.tokenizer, dataset.prompt_parts(record, args.num, settings.fewshot), settings.positions)
         check_context(lm.model, [row], config.max_new_tokens, record.uuid)
-    weights = None
-    if settings.bias == "confidence":  # as the command computes them (the same cache key, so the same values)
-        conf = confidences(lm, dataset, dataset.records, args.num, args.confidence_samples, stop, out_dir,
-                           config.seed, model_name=config.model)
-        weights = {u: normalised_weights(c) for u, c in conf.values.items()}
+    # as the command computes them (confidence: the same cache key, so the same values)
+    conf = bias_weights(lm, dataset, dataset.records, args.num, settings.bias, stop, args.confidence_samples, out_dir,
+                        config.seed, config.model)
+    weights = conf and {u: normalised_weights(c) for u, c in conf.values.items()}
     ok = [debug_sample(lm, dataset, r, args, settings, weights, out_dir, i, stop)
           for i, r in enumerate(tqdm(dataset.records, desc="debug", unit="q", disable=not config.progress), 1)]
     print(f"isolation: {sum(ok)} of {len(ok)} sample(s) within tolerance")

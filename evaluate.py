@@ -26,8 +26,10 @@ REQUIRED_COLUMNS = (
 )
 # flex_attention settings: those that differ from the defaults are part of the label (attn_backend only in the map)
 VARIANT_DEFAULTS = {"positions": DEFAULT_POSITIONS, "fusion_bias": DEFAULT_FUSION_BIAS,
-                    "fusion_temperature": DEFAULT_FUSION_TEMPERATURE, "fewshot_format": DEFAULT_FEWSHOT_FORMAT}
+                    "fusion_temperature": DEFAULT_FUSION_TEMPERATURE, "fewshot_format": DEFAULT_FEWSHOT_FORMAT,
+                    "isolation": "full", "beside": "none", "beside_weight": None}  # the last: only with a beside
 EXTRA_COLUMNS = (*VARIANT_DEFAULTS, "attn_backend")
+REQUIRED_SETTINGS = ("positions", "fusion_bias", "fusion_temperature", "fewshot_format")  # always in the label map
 POSITION_ALIASES = {"aligned": "left"}  # flex_attention_generate.py runs --positions aligned as left
 SHORT_NAMES = {"flex_attention": "flex"}  # the method's name in a label with settings
 SINGLE_METHODS = ("per_prompt", "origin")  # one prompt per answer: no vote, no gain analysis
@@ -109,7 +111,10 @@ def _setting(column: str, value) -> str | None:
     value = POSITION_ALIASES.get(value, value) if column == "positions" else value
     if value == VARIANT_DEFAULTS[column]:
         return None
-    return {"fusion_bias": f"bias_{value}", "fewshot_format": f"fewshot_{value}"}.get(column, str(value))
+    if column == "beside_weight":
+        return f"w{float(value):g}"
+    return {"fusion_bias": f"bias_{value}", "fewshot_format": f"fewshot_{value}", "isolation": f"isolation_{value}",
+            "beside": f"beside_{value}"}.get(column, str(value))
 
 
 def _indices(value, n: int) -> list[int]:
@@ -611,7 +616,9 @@ def label_map(analysis: Analysis) -> pd.DataFrame:
     table = pd.DataFrame(list(rows.values()))
     if table.empty:
         return table
-    return table.assign(N=table["N"].map(", ".join), files=table["files"].map(lambda f: ", ".join(dict.fromkeys(f))))
+    unused = [c.replace("_", " ") for c in VARIANT_DEFAULTS if c not in REQUIRED_SETTINGS
+              and (table[c.replace("_", " ")] == "").all()]  # a setting no label was run with
+    return table.drop(columns=unused).assign(N=table["N"].map(", ".join), files=table["files"].map(lambda f: ", ".join(dict.fromkeys(f))))
 
 
 def questions_table(analysis: Analysis) -> pd.DataFrame:

@@ -4,6 +4,10 @@ question at every step) and attention-level fusion (one fused row, the mask of s
 generate.py and flex_attention_generate.py are their commands; the benchmark calls them too."""
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import replace
+
 import torch
 
 from confidence import normalised_weights
@@ -16,6 +20,7 @@ from segment_mask import PREFIX_SEGMENT, AttentionShares, SegmentMask, flex_avai
 
 AUTO_CUDA_BACKEND = "flex"  # --attn auto on CUDA; to be set from the GPU table (benchmarks/README.md)
 FUSION_METHODS = ("avg", "avg_prob", "max", "weighted_avg", "weighted_max")
+PLAUSIBLE = 0.1  # beside prior: only tokens with >= 0.1 x the fused row's top probability (contrastive decoding's cut)
 
 
 def fuse_logits(logits: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,6 +37,37 @@ def fuse_logits(logits: torch.Tensor, method: str, weights: torch.Tensor | None 
         best = weights.argmax(1)
         return logits[torch.arange(len(logits)), best].argmax(-1)
     raise ValueError(f"unknown fusion method {method!r}")
+
+
+def combine_beside(logits: torch.Tensor, beside: str, weight: float) -> torch.Tensor:
+    """Log-probabilities [Q, V] of each question's next token from logits [Q, 1 + k, V]: its fused row
+    (index 0) and the k rows decoded beside it (FusionSettings.beside): singles (1-w) fused + w avg of the
+    N plain prompts; prior (1+w) fused - w prior, on the tokens the fused row finds plausible."""
+    fused = torch.log_softmax(logits[:, 0], -1)
+    if beside == "none":
+        return fused
+    if beside == "singles":
+        return (1 - weight) * fused + weight * torch.log_softmax(logits[:, 1:], -1).mean(1)
+    if beside == "prior":
+        plausible = fused >= fused.max(-1, keepdim=True).values + math.log(PLAUSIBLE)
+        contrast = (1 + weight) * fused - weight * torch.log_softmax(logits[:, 1], -1)
+        return torch.where(plausible, contrast, torch.finfo(contrast.dtype).min)
+    raise ValueError(f"unknown beside {beside!r}")
+
+
+def beside_rows(lm: LanguageModel, dataset: Dataset, record: Record, n: int, beside: str) -> list[Row]:
+    """The rows decoded beside a question's fused row: none, its N plain prompts, or its question-free prompt."""
+    if beside == "none":
+        return []
+    if beside == "singles":
+        return single_rows(lm.tokenizer, dataset.prompt_parts(record, n), list(range(n)))
+    return single_rows(lm.tokenizer, dataset.prompt_parts(question_free(record), 1), [0])
+
+
+def question_free(record: Record) -> Record:
+    """The record asked with an empty question (the dataset's own template around ""): the prompt whose answer
+    is what the model says from the instruction and examples alone, the prior that `beside prior` subtracts."""
+    return Record(record.uuid, [""], record.answers)
 
 
 def token_counts(rows: list[Row], tokens: list[int]) -> dict:
@@ -83,39 +119,67 @@ def answer_ensemble(lm: LanguageModel, dataset: Dataset, batch: list[Record], n:
 def fusion_biases(settings: FusionSettings, batch: list[Record], n: int,
                   weights: dict[str, tuple[list[float], bool]] | None, device) -> torch.Tensor | None:
     """[B, N] score biases of the question's paraphrases (None without a bias); `weights` (uuid ->
-    normalised confidences, fallback flag) for bias confidence."""
+    normalised weights, fallback flag) for bias confidence and agreement."""
     if settings.bias == "none":
         return None
-    if settings.bias == "confidence" and weights is None:
-        raise ValueError("fusion bias confidence needs each question's confidence weights")
+    if settings.bias in ("confidence", "agreement", "shares") and weights is None:
+        raise ValueError(f"fusion bias {settings.bias} needs each question's weights")
     return torch.tensor([segment_biases(n, settings.bias, weights and weights[r.uuid][0]) for r in batch],
                         device=device)
+
+
+def share_weights(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                  settings: FusionSettings) -> dict[str, tuple[list[float], bool]]:
+    """bias shares: one token decoded first under the uniform bias, its attention share on each paraphrase s_i
+    (averaged over heads and layers), and weights w_i proportional to 1/s_i (uuid -> (weights, False)): the
+    bias log w_i then gives every paraphrase about the same share of the answer's attention. Equal shares give
+    w = 1/N, the uniform bias itself."""
+    first = replace(settings, bias="uniform", record_attention=True, beside="none")
+    _, _, _, shares = decode_fused_shares(lm, dataset, batch, n, StopRule(stop.eos_ids, 1, False), first)
+    weights = {}
+    for b, record in enumerate(batch):
+        inverse = [1.0 / max(s, 1e-9) for s in shares.shares(b)[0][1:n + 1]]
+        weights[record.uuid] = ([x / sum(inverse) for x in inverse], False)
+    return weights
 
 
 def decode_fused_shares(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
                         settings: FusionSettings, weights: dict[str, tuple[list[float], bool]] | None = None,
                         choose: Chooser = greedy
                         ) -> tuple[list[Row], list[list[int]], DecodeStats, AttentionShares | None]:
-    """The fused rows of a batch of questions decoded with `settings`: (rows, generated tokens, decode
-    statistics, the attention shares per batch row when settings.record_attention, else None). The one decode
-    of attention-level fusion: the command, the debug tool and the example all come here. `weights` (uuid ->
-    normalised confidences, fallback flag) for --fusion-bias confidence."""
+    """The fused rows of a batch of questions decoded with `settings`: (rows per question: the fused row, then
+    the rows beside it; generated tokens; decode statistics; the fused rows' attention shares when
+    settings.record_attention, else None). The one decode of attention-level fusion: the command, the debug
+    tool and the example all come here. `weights` (uuid -> normalised weights, fallback flag) for
+    --fusion-bias confidence or agreement."""
+    if settings.bias == "shares" and weights is None:
+        weights = share_weights(lm, dataset, batch, n, stop, settings)
     parts = [dataset.prompt_parts(r, n, settings.fewshot) for r in batch]
-    rows = [fused_row(lm.tokenizer, p, settings.positions) for p in parts]
+    rows = [[fused_row(lm.tokenizer, p, settings.positions), *beside_rows(lm, dataset, r, n, settings.beside)]
+            for r, p in zip(batch, parts)]
+    per_question = len(rows[0])
     biases, masks = fusion_biases(settings, batch, n, weights, lm.device), []
+    if biases is not None and per_question > 1:  # the plain rows beside get none
+        biases = torch.cat([biases[:, None], biases.new_zeros(len(batch), per_question - 1, n)], 1).flatten(0, 1)
 
     def renderer(segment_ids: torch.Tensor, max_new_tokens: int) -> SegmentMask:  # kept: its shares are returned
         masks.append(SegmentMask(segment_ids, max_new_tokens, settings, biases, lm.model.dtype, paraphrases=n))
         return masks[-1]
-    outputs, stats = decode(lm, rows, 1, choose, stop, renderer)
-    return rows, outputs, stats, masks[0].shares
+
+    def choose_fused(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        return choose(combine_beside(logits, settings.beside, settings.beside_weight)[:, None], live)
+    outputs, stats = decode(lm, [row for question in rows for row in question], per_question,
+                            choose if per_question == 1 else choose_fused, stop, renderer)
+    shares = masks[0].shares and masks[0].shares.every(per_question)
+    return rows, outputs, stats, shares
 
 
 def decode_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
                  settings: FusionSettings, weights: dict[str, tuple[list[float], bool]] | None = None,
                  choose: Chooser = greedy) -> tuple[list[Row], list[list[int]], DecodeStats]:
-    """`decode_fused_shares` without the shares: (rows, generated tokens, decode statistics)."""
-    return decode_fused_shares(lm, dataset, batch, n, stop, settings, weights, choose)[:3]
+    """`decode_fused_shares` without the shares and the rows beside: (fused rows, generated tokens, stats)."""
+    rows, outputs, stats, _ = decode_fused_shares(lm, dataset, batch, n, stop, settings, weights, choose)
+    return [question[0] for question in rows], outputs, stats
 
 
 def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
@@ -124,11 +188,20 @@ def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: in
     """One fused row per question, decoded with `settings`: (result rows, decode statistics); with
     settings.record_attention each row has `attention_share` (per generated token: prefix, paraphrases 1..N,
     suffix and generated tokens; N+2 shares summing to 1, averaged over heads and layers)."""
+    start = time.perf_counter()
+    first_pass = settings.bias == "shares" and weights is None
+    if first_pass:  # computed here to be kept in the rows; its prompt tokens and seconds are counted
+        weights = share_weights(lm, dataset, batch, n, stop, settings)
     rows, outputs, stats, shares = decode_fused_shares(lm, dataset, batch, n, stop, settings, weights)
-    seconds = stats.seconds / len(batch)
+    seconds = (time.perf_counter() - start) / len(batch)
+
+    def cost(row: list[Row], tokens: list[int]) -> dict:
+        counts = token_counts(row, tokens)
+        counts["prompt_tokens"] += token_counts(row[:1], [])["prompt_tokens"] if first_pass else 0
+        return counts
     return [result_row(record, lm.tokenizer, tokens, paraphrases=record.paraphrases[:n],
-                       prompts=[lm.tokenizer.decode(row.input_ids)], seconds=seconds, method="flex_attention",
-                       num_ensemble=n, **settings.row_fields(), **token_counts([row], tokens),
+                       prompts=[lm.tokenizer.decode(row[0].input_ids)], seconds=seconds, method="flex_attention",
+                       num_ensemble=n, **settings.row_fields(), **cost(row, tokens),
                        **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}),
                        **({"attention_share": shares.shares(b)} if shares is not None else {}))
             for b, (record, row, tokens) in enumerate(zip(batch, rows, outputs))], stats

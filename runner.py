@@ -401,7 +401,7 @@ def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: st
 
 def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings, n: int):
     """One attention-level variant's table: `settings` (fusion.FusionSettings) over N paraphrases."""
-    from confidence import check_cache, confidences, normalised_weights
+    from confidence import bias_weights, check_cache, normalised_weights
     from decoding import StopRule, eos_ids, fused_row
     from methods import answer_fused
     table = config.table(settings.table_name(n), n)
@@ -413,11 +413,10 @@ def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings,
         check_cache(lm, config.method_flags["confidence_samples"], stop, config.out_dir(), config.seed, config.model)
 
     def answer_batch(batch: list[Record]) -> list[dict]:
-        weights, conf = None, None
-        if settings.bias == "confidence":  # plain prompts: decoded under sdpa by their own PaddingMask
-            conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop,
-                               config.out_dir(), config.seed, model_name=config.model, progress=config.progress)
-            weights = {u: normalised_weights(c) for u, c in conf.values.items()}
+        # plain prompts (confidence, agreement): decoded under sdpa by their own PaddingMask
+        conf = bias_weights(lm, dataset, batch, n, settings.bias, stop, config.method_flags["confidence_samples"],
+                            config.out_dir(), config.seed, config.model, config.progress)
+        weights = conf and {u: normalised_weights(c) for u, c in conf.values.items()}
         with compile_failures_in_one_line(settings):
             rows = answer_fused(lm, dataset, batch, n, stop, settings, weights)[0]
         return conf.annotate(rows) if conf else rows

@@ -191,13 +191,13 @@ def score_segments(segment_ids: torch.Tensor, isolation: str) -> torch.Tensor:
 
 
 def segment_biases(n: int, mode: str, weights: list[float] | None = None) -> list[float]:
-    """Score bias per paraphrase segment: none 0; uniform -log N; confidence log(normalised confidence); a
-    number B: B on every paraphrase (log of APE's scale S; uniform is B = -log N)."""
+    """Score bias per paraphrase segment: none 0; uniform -log N; confidence / agreement / shares log(weight);
+    a number B: B on every paraphrase (log of APE's scale S; uniform is B = -log N)."""
     if mode == "none":
         return [0.0] * n
     if mode == "uniform":
         return [-math.log(n)] * n
-    if mode == "confidence":
+    if mode in ("confidence", "agreement", "shares"):
         return [math.log(max(w, 1e-6)) for w in weights]
     return [float(mode)] * n
 
@@ -369,6 +369,7 @@ class AttentionShares:
         self.rule: dict = {}  # the current query row's dense rule: attention_mask [B, 1, 1, kv], fusion_scale?
         self.layers: list[torch.Tensor] = []  # the current forward's [B, N+2], one per layer
         self.history: list[list[torch.Tensor]] = [[] for _ in range(len(segment_ids))]  # per row: [layers, N+2]
+        self.stride = 1  # batch rows per question: the fused row, then the plain rows decoded beside it
 
     def next_query(self, rule: dict) -> None:
         """The next forward records the query row whose dense rule this is."""
@@ -398,13 +399,18 @@ class AttentionShares:
         self.flush()
         self.rows, self.columns = self.rows[rows], self.columns[rows]
 
+    def every(self, stride: int) -> "AttentionShares":
+        """Read by question from now on: question q's shares are those of batch row q * stride."""
+        self.stride = stride
+        return self
+
     def per_layer(self, row: int) -> torch.Tensor:
-        """[generated tokens, layers, N+2] of batch row `row`."""
+        """[generated tokens, layers, N+2] of question `row` (batch row row * stride)."""
         self.flush()
-        return torch.stack(self.history[row])
+        return torch.stack(self.history[row * self.stride])
 
     def shares(self, row: int) -> list[list[float]]:
-        """Batch row `row`'s share per generated token, averaged over layers: the `attention_share` column."""
+        """Question `row`'s share per generated token, averaged over layers: the `attention_share` column."""
         return self.per_layer(row).mean(dim=1).tolist()
 
 

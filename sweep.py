@@ -24,10 +24,14 @@ from runner import bind_model, fusion_flags, fusion_job, load_lm, logit_flags, l
 from selection import Selection
 
 LOGIT_SWEEP = ("avg", "avg_prob", "max")
-# the attention-level variants of the study (backend and compile as the run resolves them)
-STUDY_GRID = ([FusionSettings(positions=p, bias=b) for p in ("left", "right", "continuous") for b in ("none", "uniform")]
-              + [FusionSettings(positions=p, temperature=t) for p in ("left", "right") for t in (0.7, 1.4)]
+# the attention-level variants of the study (backend and compile as the run resolves them), the candidates of
+# issue 25 first: biases from the single answers' votes and from the attention shares, the fused row beside the N
+# plain prompts, contrasted with the question-free prompt; then the variants before them and the ablations
+STUDY_GRID = ([FusionSettings(bias="agreement"), FusionSettings(bias="shares"), FusionSettings(beside="singles"),
+               FusionSettings(beside="prior", beside_weight=0.5), FusionSettings(beside="prior", beside_weight=1.0)]
               + [FusionSettings(positions=p, fewshot="fused") for p in ("left", "right")]
+              + [FusionSettings(positions=p, temperature=t) for p in ("left", "right") for t in (0.7, 1.4)]
+              + [FusionSettings(positions=p, bias=b) for p in ("left", "right", "continuous") for b in ("none", "uniform")]
               + [FusionSettings(isolation="none"), FusionSettings(bias="-0.8"), FusionSettings(bias="-2.3")])
 
 

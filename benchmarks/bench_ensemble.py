@@ -326,9 +326,11 @@ def batch_cases(n: int, batch: int, compiled: bool) -> list[Case]:
     return [Case(f"{method}_bs{batch}", method, n, batch, "batch", reference=method) for method in methods]
 
 
-def sweep_cases(n: int, sweep: list[int]) -> list[Case]:
-    """Ours at other N (N=1 must give single_generate's tokens)."""
-    return [Case(f"{method}_n{k}", method, k, 1, "n-sweep", reference="single_generate" if k == 1 else None)
+def sweep_cases(n: int, sweep: list[int], batch: int = 1) -> list[Case]:
+    """Ours at other N, at batch 1 or `batch` (N=1 at batch 1 must give single_generate's tokens)."""
+    suffix = "" if batch == 1 else f"_bs{batch}"
+    return [Case(f"{method}{suffix}_n{k}", method, k, batch, "n-sweep",
+                 reference="single_generate" if k == 1 and batch == 1 else None)
             for k in sweep if k != n for method in ("logit_avg", "attn_sdpa")]
 
 
@@ -346,7 +348,7 @@ def build_cases(args) -> list[Case]:
     cases = main_cases(n, compiled) + no_prefix_cases(n, 1)
     if big != 1:
         cases += batch_cases(n, big, compiled) + no_prefix_cases(n, big)
-    return select_cases(cases + sweep_cases(n, args.sweep_n), args.cases)
+    return select_cases(cases + sweep_cases(n, args.sweep_n, args.sweep_batch), args.cases)
 
 
 # ---------------------------------------------------------------- running the cases
@@ -650,6 +652,7 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=5, help="paraphrases per question for the main comparison (default 5)")
     p.add_argument("--sweep-n", default="1,3,5,10", help="N values for ours (default 1,3,5,10; '' for none; any N, "
                    "e.g. 50: above the stored paraphrases they repeat cyclically)")
+    p.add_argument("--sweep-batch", type=int, default=1, help="the batch size of the N sweep (default 1)")
     p.add_argument("--large-batch", type=int, default=8, help="the larger batch size for ours (default 8; 1: none)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="every method decodes exactly this many tokens")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -696,8 +699,10 @@ def parse_args(argv: list[str] | None):
     except ValueError:
         raise InputError(f"--sweep-n {args.sweep_n!r}: expected comma-separated integers") from None
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    if min([args.questions, args.repeats, args.n, args.large_batch, args.max_new_tokens, *args.sweep_n]) < 1:
-        raise InputError("--questions, --repeats, --n, --sweep-n, --large-batch and --max-new-tokens must be >= 1")
+    if min([args.questions, args.repeats, args.n, args.large_batch, args.sweep_batch, args.max_new_tokens,
+            *args.sweep_n]) < 1:
+        raise InputError("--questions, --repeats, --n, --sweep-n, --large-batch, --sweep-batch and --max-new-tokens "
+                         "must be >= 1")
     return args
 
 

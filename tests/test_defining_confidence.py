@@ -13,6 +13,7 @@ import confidence
 from confidence import ConfidenceSettings, Confidences, RowSampler, normalised_weights, row_generator, save_entries
 from conftest import cached_tiny
 from decoding import LanguageModel, StopRule
+from dataset import Dataset, Record
 from scoring import answers_agree, upstream_matched
 
 
@@ -167,11 +168,24 @@ class FakeDecode:
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], None
 
 
+class Bar:
+    """tqdm replaced by a recorder (what the progress bar is asked to show), iterating what it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, iterable, **kwargs):
+        self.calls.append(kwargs)
+        return iter(list(iterable))
+
+
 @pytest.fixture
 def fake(monkeypatch):
     _, tokenizer = cached_tiny("llama")
     fake = FakeDecode(tokenizer)
+    fake.bar = Bar()
     monkeypatch.setattr(confidence, "decode", fake)
+    monkeypatch.setattr(confidence, "tqdm", fake.bar)
     return fake
 
 
@@ -194,6 +208,15 @@ def test_confidence_is_the_share_of_samples_that_agree_with_the_greedy_answer(sm
     sampler = fake.calls[1][0]
     assert isinstance(sampler, RowSampler) and len(sampler.samplers) == 6
     assert {(s.temperature, s.top_p) for s in sampler.samplers} == {(1.0, 1.0)}
+
+
+def test_a_progress_bar_for_two_questions_or_more_never_left_behind(small_dataset, tmp_path, fake):
+    run(small_dataset, tmp_path / "a")
+    run(small_dataset, tmp_path / "b", records=small_dataset.records[:1])
+    run(small_dataset, tmp_path / "c", progress=False)
+    expected = dict(desc="confidence: 3 samples per paraphrase", unit="q", leave=False)
+    assert fake.bar.calls == [{**expected, "disable": False}, {**expected, "disable": True},
+                              {**expected, "disable": True}]
 
 
 def test_the_cache_keeps_each_prompts_answers_and_cost(small_dataset, tmp_path, fake):
@@ -271,3 +294,40 @@ def test_save_entries_merges_with_what_is_there_and_keeps_the_newest_copy(tmp_pa
     assert table.index.tolist() == [0, 1, 2]
     assert confidence.cached_entries(tmp_path / "missing.feather") == {}
     assert confidence.cached_entries(path)["b"] == {"key": "b", "confidence": 0.9}
+
+
+# ---------------------------------------------------------------- the agreement bias's weights
+
+class VotesDecode:
+    """decode replaced: each plain prompt's greedy answer is the text given for its paraphrase."""
+
+    def __init__(self, tokenizer, answers: dict[str, str]):
+        self.tokenizer, self.answers, self.calls = tokenizer, answers, 0
+
+    def __call__(self, lm, rows, n, choose, stop):
+        assert n == 1 and choose is confidence.greedy  # one greedy row per prompt
+        self.calls += 1
+        texts = []
+        for row in rows:
+            text = self.tokenizer.decode(row.input_ids, skip_special_tokens=True)
+            texts.append(next(a for p, a in self.answers.items() if text.endswith(f"Q: {p}\nA:")))
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], None
+
+
+def test_agreement_counts_the_single_answers_that_agree_with_each_paraphrases_own(monkeypatch):
+    """Votes by upstream's rule (either normalised answer contains the other): 'Paris' and 'paris, france' agree,
+    'London' stands alone, an empty answer gets no vote and gives none; one decode of all N prompts per batch."""
+    _, tokenizer = cached_tiny("llama")
+    paraphrases = ["where is the louvre?", "the louvre is in?", "louvre city?", "which city has the louvre?"]
+    answers = dict(zip(paraphrases, ["Paris", "paris, france", "London", "\n"]))
+    dataset = Dataset("t", "qa", [Record("q", paraphrases, ["Paris"]), Record("r", paraphrases[::-1], ["Paris"])], [])
+    fake = VotesDecode(tokenizer, answers)
+    monkeypatch.setattr(confidence, "decode", fake)
+    model, _ = cached_tiny("llama")
+    lm = LanguageModel(model, tokenizer)
+    got = confidence.agreements(lm, dataset, dataset.records, 4, StopRule(set(), 8))
+    assert got.values == {"q": [2.0, 2.0, 1.0, 0.0], "r": [0.0, 1.0, 2.0, 2.0]} and fake.calls == 1
+    assert set(got.seconds) == {"q", "r"}
+    assert confidence.normalised_weights(got.values["q"]) == ([0.4, 0.4, 0.2, 0.0], False)
+    three = confidence.agreements(lm, dataset, dataset.records[:1], 3, StopRule(set(), 8))
+    assert three.values == {"q": [2.0, 2.0, 1.0]}  # only the first N paraphrases vote

@@ -13,7 +13,7 @@ from constants import InputError
 from dataset import Record
 from decoding import Row
 from fusion import FusionSettings
-from methods import fuse_logits, fusion_biases, resolve_backend, token_counts
+from methods import combine_beside, fuse_logits, fusion_biases, resolve_backend, token_counts
 from segment_mask import FUSED_SEGMENT, segment_biases
 
 # one question, N = 3 paraphrases, V = 4 tokens, as probabilities (each row sums to 1)
@@ -156,5 +156,45 @@ def test_fusion_biases_per_question():
     conf = fusion_biases(FusionSettings(bias="confidence"), batch, 2, weights, CPU)
     assert torch.allclose(conf, torch.tensor([[math.log(0.25), math.log(0.75)], [math.log(0.5)] * 2]))
     assert torch.allclose(fusion_biases(FusionSettings(bias="1.5"), batch, 2, None, CPU), torch.full((2, 2), 1.5))
-    with pytest.raises(ValueError, match="fusion bias confidence needs each question's confidence weights"):
+    with pytest.raises(ValueError, match="fusion bias confidence needs each question's weights"):
         fusion_biases(FusionSettings(bias="confidence"), batch, 2, None, CPU)
+
+
+# ---------------------------------------------------------------- rows beside the fused row (issue 25)
+
+def test_combine_beside_on_hand_made_logits():
+    """singles: (1-w) fused + w mean(singles); prior: (1+w) fused - w prior, only where the fused probability
+    is >= 0.1 x its top: the prior's favourite loses, an implausible token never wins."""
+    fused = torch.tensor([2.0, 1.9, -3.0, 0.0])
+    singles = torch.tensor([[0.0, 3.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]])
+    logits = torch.stack([fused, *singles])[None]
+    lp = torch.log_softmax(logits, -1)[0]
+    for w in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(combine_beside(logits, "singles", w)[0], (1 - w) * lp[0] + w * lp[1:].mean(0))
+    assert combine_beside(logits, "singles", 0.0).argmax() == 0 and combine_beside(logits, "singles", 1.0).argmax() == 1
+    prior = torch.tensor([[2.0, 1.9, -3.0, 0.0], [3.0, 0.0, -9.0, 0.0]])[None]  # the prior likes token 0
+    combined = combine_beside(prior, "prior", 1.0)[0]
+    assert combined.argmax() == 1  # token 0 is what the prompt says without the question
+    assert combined[2] == torch.finfo(combined.dtype).min  # token 2: far below 0.1 x the top: never chosen
+    plp = torch.log_softmax(prior[0], -1)
+    assert combined[1] == pytest.approx(float(2 * plp[0, 1] - plp[1, 1]))
+    assert combine_beside(prior, "prior", 0.0).argmax() == 0 and combine_beside(prior[:, :1], "none", 0.5).argmax() == 0
+    with pytest.raises(ValueError):
+        combine_beside(prior, "mean", 0.5)
+
+
+def test_beside_settings_name_their_table_and_refuse_what_they_cannot_do():
+    s = FusionSettings(beside="singles", beside_weight=0.25)
+    assert s.table_name(5) == "flex_attention-5-beside_singles_w0.25.feather"
+    assert s.row_fields()["beside"] == "singles" and s.row_fields()["beside_weight"] == 0.25
+    assert s.table_settings()["beside"] == "singles" and "beside" not in FusionSettings().table_settings()
+    assert "beside" not in FusionSettings().row_fields() and FusionSettings().variant() == ""
+    assert "beside singles (weight 0.25)" in s.describe()
+    assert FusionSettings(bias="agreement").table_name(3) == "flex_attention-3-bias_agreement.feather"
+    for bad, message in ((dict(beside="singles", beside_weight=1.5), "in \\[0, 1\\]"),
+                         (dict(beside="prior", beside_weight=-1.0), ">= 0"),
+                         (dict(beside="prior", temperature=0.7), "temperature 1 only"),
+                         (dict(beside="both"), "--beside 'both'")):
+        with pytest.raises(InputError, match=message):
+            FusionSettings(**bad)
+    assert FusionSettings(beside="prior", beside_weight=2.0).beside_weight == 2.0  # contrast may exceed 1

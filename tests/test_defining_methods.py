@@ -7,6 +7,7 @@ reads) and run again in full at every step. Plus the result rows' fields."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,24 +68,25 @@ def allowed(seg: list[int], q: int, k: int) -> bool:
 
 
 @torch.inference_mode()
+def fused_logits_by_rule(model, row, biases: list[float] | None, out: list[int]) -> torch.Tensor:
+    """The next-token logits of the fused row followed by `out`, read under the rule written out token by token."""
+    ids, seg = list(row.input_ids) + out, list(row.segment_ids) + [FUSED_SEGMENT] * len(out)
+    pos = list(row.position_ids) + list(range(row.position_ids[-1] + 1, row.position_ids[-1] + 1 + len(out)))
+    L = len(ids)
+    mask = torch.full((L, L), float("-inf"))
+    for q in range(L):
+        for k in range(L):
+            if allowed(seg, q, k):
+                bias = biases[seg[k] - 1] if biases and seg[q] != seg[k] and 1 <= seg[k] <= len(biases) else 0.0
+                mask[q, k] = bias
+    return model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]),
+                 attention_mask=mask[None, None]).logits[0, -1]
+
+
 def fused_attention_by_rule(model, row, biases: list[float] | None) -> list[int]:
-    ids, seg, pos = list(row.input_ids), list(row.segment_ids), list(row.position_ids)
     out: list[int] = []
     for _ in range(STEPS):
-        L = len(ids)
-        mask = torch.full((L, L), float("-inf"))
-        for q in range(L):
-            for k in range(L):
-                if allowed(seg, q, k):
-                    bias = biases[seg[k] - 1] if biases and seg[q] != seg[k] and 1 <= seg[k] <= len(biases) else 0.0
-                    mask[q, k] = bias
-        logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]),
-                       attention_mask=mask[None, None]).logits[0, -1]
-        token = int(logits.argmax())
-        out.append(token)
-        ids.append(token)
-        seg.append(FUSED_SEGMENT)
-        pos.append(pos[-1] + 1)
+        out.append(int(fused_logits_by_rule(model, row, biases, out).argmax()))
     return out
 
 
@@ -209,3 +211,149 @@ def test_decode_fused_returns_the_rows_it_decoded(llama):
     assert rows == [fused_row(tokenizer, DATA.prompt_parts(DATA.records[0], 2), "right")]
     # the default bias is uniform: -log N on every paraphrase the answer reads
     assert outputs == [fused_attention_by_rule(model, rows[0], [-math.log(2)] * 2)] and stats.steps == STEPS - 1
+
+
+# ---------------------------------------------------------------- the candidates of the fusion study (issue 25)
+
+@torch.inference_mode()
+def beside_by_rule(model, row, prompts: list[list[int]], beside: str, w: float, biases) -> list[int]:
+    """Each step: the fused row's log-probabilities (by the rule above) combined with those of the plain prompts
+    decoded beside it, by the definition: singles (1-w) fused + w mean(singles); prior (1+w) fused - w prior on
+    the tokens whose fused probability is at least 0.1 x the top one."""
+    out: list[int] = []
+    for _ in range(STEPS):
+        fused = fused_logits_by_rule(model, row, biases, out).log_softmax(-1)
+        plain = torch.stack([model(torch.tensor([p + out])).logits[0, -1] for p in prompts]).log_softmax(-1)
+        if beside == "singles":
+            score = (1 - w) * fused + w * plain.mean(0)
+        else:
+            plausible = fused.exp() >= 0.1 * fused.exp().max()
+            score = torch.where(plausible, (1 + w) * fused - w * plain[0], float("-inf"))
+        out.append(int(score.argmax()))
+    return out
+
+
+def prior_prompt(tokenizer, record) -> list[int]:
+    """The prompt with an empty question, as the tokenizer reads its text: the instruction, the examples, "Q: \nA:"."""
+    parts = DATA.prompt_parts(record, 3)
+    text = parts.full(0).replace(record.paraphrases[0], "")
+    assert text.endswith("\n\nQ: \nA:") and "2+2?" in text
+    return tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("beside,w", [("singles", 0.5), ("singles", 0.2), ("prior", 0.5), ("prior", 1.0)])
+def test_rows_beside_the_fused_row_are_combined_by_their_definition(llama, beside, w):
+    model, tokenizer = llama
+    settings = FusionSettings(beside=beside, beside_weight=w)
+    rows, stats = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), settings)
+    for r, record in zip(rows, DATA.records):
+        row = fused_row(tokenizer, DATA.prompt_parts(record, 3))
+        prompts = prompts_of(tokenizer, record, 3) if beside == "singles" else [prior_prompt(tokenizer, record)]
+        assert r["token_ids"] == beside_by_rule(model, row, prompts, beside, w, [-math.log(3)] * 3), (beside, w)
+        assert (r["beside"], r["beside_weight"]) == (beside, w)
+        parts = DATA.prompt_parts(record, 3)
+        plain = (single_rows(tokenizer, parts, [0, 1, 2]) if beside == "singles" else
+                 single_rows(tokenizer, DATA.prompt_parts(Record(record.uuid, [""], []), 1), [0]))
+        assert [p.input_ids for p in plain] == prompts
+        assert r["prompt_tokens"] == sum(s != PREFIX_SEGMENT for x in [row, *plain] for s in x.segment_ids)
+        assert r["decode_tokens"] == (STEPS - 1) * (1 + len(prompts))
+
+
+def test_beside_singles_at_its_ends_is_the_fused_row_alone_and_logit_avg(llama):
+    model, tokenizer = llama
+    lm = LanguageModel(model, tokenizer)
+    fused, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings())
+    avg, _ = answer_ensemble(lm, DATA, DATA.records, 3, stop(), "avg")
+    alone, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings(beside="singles", beside_weight=0))
+    as_avg, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings(beside="singles", beside_weight=1))
+    assert [r["token_ids"] for r in alone] == [r["token_ids"] for r in fused]
+    assert [r["token_ids"] for r in as_avg] == [r["token_ids"] for r in avg]
+    assert [r["token_ids"] for r in fused] != [r["token_ids"] for r in avg]  # the two ends differ here
+
+
+BACKENDS = pytest.mark.parametrize("backend", ["sdpa", "flex"], ids=["sdpa_backend", "flex_backend"])  # (setup.cfg)
+
+
+@BACKENDS
+@pytest.mark.parametrize("beside", ["singles", "prior"])
+def test_the_rows_beside_leave_the_fused_row_as_it_is(llama, backend, beside):
+    """Batch composition: the fused row's log-probabilities with rows beside it (weight 0) equal those of the
+    fused row decoded alone, step by step (teacher-forced by the same greedy choices)."""
+    model, tokenizer = llama
+    seen: dict[str, list[torch.Tensor]] = {"alone": [], "beside": []}
+
+    def recorder(name):
+        def choose(logits, live):
+            seen[name].append(torch.log_softmax(logits[:, 0].float(), -1))
+            return logits[:, 0].argmax(-1)
+        return choose
+    lm = LanguageModel(model, tokenizer)
+    settings = FusionSettings(backend=backend)
+    decode_fused(lm, DATA, DATA.records, 3, stop(), settings, choose=recorder("alone"))
+    decode_fused(lm, DATA, DATA.records, 3, stop(), replace(settings, beside=beside, beside_weight=0.0),
+                 choose=recorder("beside"))
+    assert len(seen["alone"]) == len(seen["beside"]) == STEPS
+    for a, b in zip(seen["alone"], seen["beside"]):
+        cut = b == torch.finfo(b.dtype).min  # prior: the implausible tokens, never chosen
+        assert not cut.any() if beside == "singles" else (cut == (a.exp() < 0.1 * a.exp().max(-1, True).values)).all()
+        kept = a - torch.logsumexp(torch.where(cut, float("-inf"), a), -1, keepdim=True)  # renormalised over the rest
+        torch.testing.assert_close(torch.where(cut, a, b), torch.where(cut, a, kept), atol=1e-4, rtol=0)
+
+
+@BACKENDS
+def test_one_paraphrase_beside_its_own_prompt_is_plain_greedy_decoding(llama, backend):
+    model, tokenizer = llama
+    rows, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 1, stop(),
+                           FusionSettings(backend=backend, beside="singles", beside_weight=0.5))
+    for r, record in zip(rows, DATA.records):
+        assert r["token_ids"] == greedy_alone(model, prompts_of(tokenizer, record, 1)[0])
+
+
+def test_agreement_bias_reads_each_paraphrase_by_its_votes(llama):
+    """bias agreement: the weights (normalised votes) enter as log w, as the confidence bias does."""
+    model, tokenizer = llama
+    weights = {"q1": ([0.5, 0.5, 0.0], False), "q2": ([1 / 3] * 3, False)}
+    rows, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(),
+                           FusionSettings(bias="agreement"), weights)
+    for r, record in zip(rows, DATA.records):
+        row = fused_row(tokenizer, DATA.prompt_parts(record, 3))
+        w = weights[record.uuid][0]
+        assert r["token_ids"] == fused_attention_by_rule(model, row, [math.log(max(x, 1e-6)) for x in w])
+        assert r["fusion_bias"] == "agreement"
+    with pytest.raises(ValueError, match="agreement needs"):
+        answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), FusionSettings(bias="agreement"))
+
+
+def test_shares_bias_weighs_each_paraphrase_by_the_inverse_of_its_first_share(llama):
+    """bias shares: w_i ~ 1 / (paraphrase i's attention share at the first token under the uniform bias), read
+    as log w; afterwards the first token's shares are more even than under the uniform bias."""
+    model, tokenizer = llama
+    lm = LanguageModel(model, tokenizer)
+    uniform, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings(record_attention=True))
+    rows, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings(bias="shares", record_attention=True))
+    for u, r, record in zip(uniform, rows, DATA.records):
+        first = u["attention_share"][0][1:4]
+        w = [1 / s / sum(1 / x for x in first) for s in first]
+        assert r["weights"] == pytest.approx(w, rel=1e-6) and r["weights_fallback"] is False
+        row = fused_row(tokenizer, DATA.prompt_parts(record, 3))
+        assert r["token_ids"] == fused_attention_by_rule(model, row, [math.log(x) for x in r["weights"]])
+        after = r["attention_share"][0][1:4]
+        assert max(after) / min(after) < max(first) / min(first)
+        assert r["prompt_tokens"] == 2 * u["prompt_tokens"]  # the first pass's prefill is part of its cost
+
+
+def test_shares_and_agreement_biases_keep_identical_copies_equal_to_the_uniform_bias(llama, monkeypatch):
+    """N identical copies get equal shares and equal votes: both biases are then -log N, the default."""
+    import confidence
+    model, tokenizer = llama
+    lm = LanguageModel(model, tokenizer)
+    copies = Dataset("t", "qa", [Record(r.uuid, [r.paraphrases[1]] * 3, r.answers) for r in DATA.records],
+                     DATA.few_shot)
+    default, _ = answer_fused(lm, copies, copies.records, 3, stop(), FusionSettings())
+    shares, _ = answer_fused(lm, copies, copies.records, 3, stop(), FusionSettings(bias="shares"))
+    votes = confidence.agreements(lm, copies, copies.records, 3, stop())
+    weights = {u: normalised_weights(v) for u, v in votes.values.items()}
+    agreed, _ = answer_fused(lm, copies, copies.records, 3, stop(), FusionSettings(bias="agreement"), weights)
+    for d, s, a in zip(default, shares, agreed):
+        assert s["weights"] == pytest.approx([1 / 3] * 3, abs=1e-6) and a["weights"] == pytest.approx([1 / 3] * 3)
+        assert d["token_ids"] == s["token_ids"] == a["token_ids"]

@@ -513,3 +513,20 @@ def test_attention_share_follows_top_and_entropy_panel(tmp_path):
     analysis = evaluate.analyse(tmp_path)
     assert "follows top share" not in evaluate.gain_table(analysis).columns
     assert "attention" not in {ax.get_label() for ax in evaluate.report_figure(analysis).axes}
+
+
+def test_every_fusion_setting_that_differs_from_the_defaults_is_in_its_label(tmp_path):
+    """isolation none, a beside and its weight name their rows apart from the default's."""
+    d = tmp_path / "results"
+    d.mkdir()
+    _table("flex_attention", 3, ["q1", "q2"], ["Paris", "x"], [1.0, 1.0], [3, 3],
+           positions="left", fusion_bias="uniform").to_feather(d / "flex_attention-3.feather")
+    _table("flex_attention", 3, ["q1", "q2"], ["x", "x"], [1.0, 1.0], [3, 3], positions="left",
+           fusion_bias="uniform", isolation="none").to_feather(d / "flex_attention-3-isolation_none.feather")
+    _table("flex_attention", 3, ["q1", "q2"], ["Paris", "Jamaican English"], [1.0, 1.0], [3, 3],
+           positions="left", fusion_bias="agreement", beside="singles",
+           beside_weight=0.5).to_feather(d / "flex_attention-3-bias_agreement-beside_singles_w0.5.feather")
+    report = evaluate.build_report(d)[0].set_index("method")
+    assert set(report.index) == {"flex_attention", "flex[isolation_none]", "flex[bias_agreement,beside_singles,w0.5]"}
+    assert report.loc["flex[bias_agreement,beside_singles,w0.5]", "exact"] == pytest.approx(1.0)
+    assert report.loc["flex[isolation_none]", "exact"] == pytest.approx(0.0)

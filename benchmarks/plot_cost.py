@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = {"logit_avg": ("logit avg (N rows)", "tab:orange"), "attn_sdpa": ("attention fusion (1 row)", "tab:blue")}
-PANELS = (("s_per_q", "seconds per question (median)"), ("tok_per_q", "tokens through the model per question"),
-          ("rss_delta_mb", "peak RSS growth (MB)"))
+PANELS = (("s_per_q", "seconds per question (median)"), ("tok_per_q", "tokens run per question"),
+          ("rss_delta_mb", "peak RSS growth of a batch (MB)"))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -29,10 +29,10 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def curves(rows: list[dict]) -> dict[tuple[str, int, int], list[dict]]:
-    """(method, batch, new tokens) -> its rows sorted by N, for the methods drawn."""
+    """(method, batch, new tokens) -> its rows sorted by N, for the methods drawn (the prefix reused)."""
     out: dict[tuple[str, int, int], list[dict]] = {}
     for row in rows:
-        if row["method"] in METHODS and row.get("status") == "ok":
+        if row["method"] in METHODS and row.get("status") == "ok" and row["group"] != "no-prefix-cache":
             out.setdefault((row["method"], row["batch"], row["tokens"]), []).append(row)
     return {key: sorted(rs, key=lambda r: r["N"]) for key, rs in sorted(out.items(), key=str)}
 
@@ -47,7 +47,8 @@ def plot(rows: list[dict], title: str, output: Path) -> None:
             ax.plot(*zip(*points), marker="o", color=color, linestyle="-" if batch == 1 else "--",
                     label=f"{name}, batch {batch}, {tokens} new tokens")
         for single in (r for r in rows if r["method"] == "single_generate" and r.get(column) is not None):
-            ax.axhline(single[column], color="gray", linestyle=":", linewidth=1,
+            ax.axhline(single[column], color="gray", linestyle=":" if single["tokens"] == min(
+                r["tokens"] for r in rows) else "-.", linewidth=1,
                        label=f"one prompt (generate), {single['tokens']} new tokens")
         ax.set_xlabel("N (paraphrases per question)")
         ax.set_ylabel(label)

@@ -116,3 +116,36 @@ def test_n_above_the_stored_paraphrases_cycles_them(bench_run):
     assert num(rows["attn_sdpa_n50"], "decode_tok_per_q") == MAX_NEW - 1
     assert num(rows["attn_sdpa_n50"], "forwards_per_q") == MAX_NEW
     assert num(rows["attn_sdpa_n50"], "prefill_tok_per_q") > 5 * num(rows["attn_sdpa_n6"], "prefill_tok_per_q")
+
+
+def load_script(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_n_sweep_at_a_larger_batch_names_its_cases():
+    bench = load_script("bench_ensemble")
+    names = [c.name for c in bench.build_cases(bench.parse_args(["--sweep-n", "1,20", "--sweep-batch", "8"]))]
+    assert {"logit_avg_bs8_n1", "attn_sdpa_bs8_n1", "logit_avg_bs8_n20", "attn_sdpa_bs8_n20"} <= set(names)
+    cases = {c.name: c for c in bench.build_cases(bench.parse_args(["--sweep-n", "1,20", "--sweep-batch", "8"]))}
+    assert cases["attn_sdpa_bs8_n20"].batch_size == 8 and cases["attn_sdpa_bs8_n1"].reference is None
+    plain = {c.name: c for c in bench.build_cases(bench.parse_args(["--sweep-n", "1,20"]))}
+    assert plain["attn_sdpa_n1"].batch_size == 1 and plain["attn_sdpa_n1"].reference == "single_generate"
+
+
+def test_cost_plot_draws_the_benchmarks_curves(bench_run, tmp_path):
+    """benchmarks/plot_cost.py as the README runs it, on the benchmark's JSON: one line per method and batch."""
+    _, rows, out = bench_run
+    png = tmp_path / "cost.png"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_cost.py"), str(out / "bench_ensemble.json"),
+                           "--output", str(png)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = load_script("plot_cost")
+    lines = plot.curves(plot.read_rows(out / "bench_ensemble.json"))
+    assert set(lines) == {(m, b, MAX_NEW) for m in ("logit_avg", "attn_sdpa") for b in (1, 2)}
+    assert [r["N"] for r in lines[("attn_sdpa", 1, MAX_NEW)]] == [1, N, 6, 50]

@@ -34,7 +34,7 @@ from decoding import Row, StopRule, answer_text, check_context, eos_ids, fused_r
 from fusion import FusionSettings
 from inspect_fusion import (TopK, isolation_diffs, print_isolation, print_layout, print_shares, print_steps,
                             segments_of, share_labels, tolerance)
-from methods import decode_fused_shares
+from methods import decode_fused_shares, share_weights
 from runner import load_job
 from segment_mask import (FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, allowed_matrix, draw_mask,
                           mask_legend, segment_name)
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     conf = bias_weights(lm, dataset, dataset.records, args.num, settings.bias, stop, args.confidence_samples, out_dir,
                         config.seed, config.model)
     weights = conf and {u: normalised_weights(c) for u, c in conf.values.items()}
+    if settings.bias == "shares":  # per question, whatever its batch
+        weights = share_weights(lm, dataset, dataset.records, args.num, stop, settings)
     ok = [debug_sample(lm, dataset, r, args, settings, weights, out_dir, i, stop)
           for i, r in enumerate(tqdm(dataset.records, desc="debug", unit="q", disable=not config.progress), 1)]
     print(f"isolation: {sum(ok)} of {len(ok)} sample(s) within tolerance")

@@ -151,9 +151,7 @@ def decode_fused_shares(lm: LanguageModel, dataset: Dataset, batch: list[Record]
     the rows beside it; generated tokens; decode statistics; the fused rows' attention shares when
     settings.record_attention, else None). The one decode of attention-level fusion: the command, the debug
     tool and the example all come here. `weights` (uuid -> normalised weights, fallback flag) for
-    --fusion-bias confidence or agreement."""
-    if settings.bias == "shares" and weights is None:
-        weights = share_weights(lm, dataset, batch, n, stop, settings)
+    --fusion-bias confidence, agreement or shares (`share_weights`)."""
     parts = [dataset.prompt_parts(r, n, settings.fewshot) for r in batch]
     rows = [[fused_row(lm.tokenizer, p, settings.positions), *beside_rows(lm, dataset, r, n, settings.beside)]
             for r, p in zip(batch, parts)]

@@ -21,6 +21,7 @@ VARIANTS = {
     "confidence": (["--fusion-bias", "confidence", "--confidence-samples", "2"],
                    "flex_attention-3-bias_confidence.feather"),
     "agreement": (["--fusion-bias", "agreement"], "flex_attention-3-bias_agreement.feather"),
+    "shares": (["--fusion-bias", "shares"], "flex_attention-3-bias_shares.feather"),
     "beside singles": (["--beside", "singles"], "flex_attention-3-beside_singles_w0.5.feather"),
     "beside prior": (["--beside", "prior", "--beside-weight", "1"], "flex_attention-3-beside_prior_w1.feather"),
 }

@@ -592,3 +592,13 @@ def test_fused_flex_attention_hands_flex_its_mask_and_score_mod():
     with pytest.raises(RuntimeError, match="got BlockMask"):
         sm.fused_flex_attention(None, q, k, v, block)
     assert len(calls) == 2
+
+
+def test_question_paraphrases_counts_the_questions_segments_only():
+    """N is the largest question-paraphrase id: few-shot blocks (ids from SHOT_STRIDE on, their answers
+    SHOT_STRIDE + SHOT_ANSWER included), the prefix, the suffix and padding are not paraphrases."""
+    fused_fewshot = [PAD_SEGMENT, 0, SHOT_STRIDE + 1, SHOT_STRIDE + 2, SHOT_STRIDE + SHOT_ANSWER, 1, 2, 3,
+                     FUSED_SEGMENT]
+    assert sm.question_paraphrases(torch.tensor([fused_fewshot])) == 3
+    assert sm.question_paraphrases(torch.tensor([[0, SHOT_STRIDE, 1, FUSED_SEGMENT]])) == 1
+    assert sm.question_paraphrases(torch.tensor([[PAD_SEGMENT, 0, FUSED_SEGMENT]])) == 0

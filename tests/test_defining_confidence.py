@@ -4,6 +4,7 @@ sum 1 with the all-zero fallback, the cache's file name and key, which prompts a
 back. The decode is replaced by hand-written answers so that every expected confidence is counted by hand."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ import confidence
 from confidence import ConfidenceSettings, Confidences, RowSampler, normalised_weights, row_generator, save_entries
 from conftest import cached_tiny
 from decoding import LanguageModel, StopRule
+from constants import InputError
 from dataset import Dataset, Record
 from scoring import answers_agree, upstream_matched
 
@@ -325,9 +327,44 @@ def test_agreement_counts_the_single_answers_that_agree_with_each_paraphrases_ow
     monkeypatch.setattr(confidence, "decode", fake)
     model, _ = cached_tiny("llama")
     lm = LanguageModel(model, tokenizer)
+    start = time.perf_counter()
     got = confidence.agreements(lm, dataset, dataset.records, 4, StopRule(set(), 8))
+    elapsed = time.perf_counter() - start
     assert got.values == {"q": [2.0, 2.0, 1.0, 0.0], "r": [0.0, 1.0, 2.0, 2.0]} and fake.calls == 1
-    assert set(got.seconds) == {"q", "r"}
+    assert set(got.seconds) == {"q", "r"} and 0 < got.seconds["q"] == got.seconds["r"] <= elapsed / 2
     assert confidence.normalised_weights(got.values["q"]) == ([0.4, 0.4, 0.2, 0.0], False)
     three = confidence.agreements(lm, dataset, dataset.records[:1], 3, StopRule(set(), 8))
     assert three.values == {"q": [2.0, 2.0, 1.0]}  # only the first N paraphrases vote
+
+
+def test_bias_weights_asks_the_rule_the_bias_names(monkeypatch, small_dataset, tmp_path):
+    """agreement: the N single answers' votes; confidence: the sampled confidences (with the run's K, seed and
+    cache folder); any other bias: none."""
+    model, tokenizer = cached_tiny("llama")
+    lm, stop = LanguageModel(model, tokenizer), StopRule(set(), 8)
+    calls = []
+    monkeypatch.setattr(confidence, "agreements", lambda *a: calls.append(("agreement", a)) or "votes")
+    monkeypatch.setattr(confidence, "confidences",
+                        lambda *a, **kw: calls.append(("confidence", a, kw)) or "sampled")
+    records = small_dataset.records[:2]
+    assert confidence.bias_weights(lm, small_dataset, records, 3, "agreement", stop, 4, tmp_path, 7, "m") == "votes"
+    assert calls.pop() == ("agreement", (lm, small_dataset, records, 3, stop))
+    assert confidence.bias_weights(lm, small_dataset, records, 3, "confidence", stop, 4, tmp_path, 7, "m",
+                                   progress=False) == "sampled"
+    assert calls.pop() == ("confidence", (lm, small_dataset, records, 3, 4, stop, tmp_path, 7),
+                           dict(model_name="m", progress=False))
+    for bias in ("uniform", "none", "shares", "-1.5"):
+        assert confidence.bias_weights(lm, small_dataset, records, 3, bias, stop, 4, tmp_path, 7, "m") is None
+    assert calls == []
+
+
+def test_check_cache_reads_the_runs_cache_file_and_names_a_broken_one(tmp_path):
+    model, tokenizer = cached_tiny("llama")
+    lm, stop = LanguageModel(model, tokenizer), StopRule(set(), 8)
+    confidence.check_cache(lm, 3, stop, tmp_path, 0, "tiny-llama")  # no cache yet: nothing to read
+    path = confidence.confidence_settings(lm, 3, stop, 0, "tiny-llama").cache_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a table")
+    with pytest.raises(InputError, match=f"cannot read {path}"):
+        confidence.check_cache(lm, 3, stop, tmp_path, 0, "tiny-llama")
+    confidence.check_cache(lm, 4, stop, tmp_path, 0, "tiny-llama")  # another K: another file, fine

@@ -357,3 +357,16 @@ def test_shares_and_agreement_biases_keep_identical_copies_equal_to_the_uniform_
     for d, s, a in zip(default, shares, agreed):
         assert s["weights"] == pytest.approx([1 / 3] * 3, abs=1e-6) and a["weights"] == pytest.approx([1 / 3] * 3)
         assert d["token_ids"] == s["token_ids"] == a["token_ids"]
+
+
+def test_each_fused_row_carries_its_share_of_the_batchs_seconds(llama):
+    """seconds: the batch's wall time (the first pass of bias shares included) divided among its questions."""
+    import time
+    model, tokenizer = llama
+    for settings in (FusionSettings(), FusionSettings(bias="shares")):
+        start = time.perf_counter()
+        rows, stats = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), settings)
+        elapsed = time.perf_counter() - start
+        assert len({r["seconds"] for r in rows}) == 1
+        assert 0 < rows[0]["seconds"] * len(rows) <= elapsed
+        assert rows[0]["seconds"] * len(rows) >= stats.seconds  # never less than the decode itself

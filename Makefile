@@ -37,17 +37,22 @@ bench: model
 sweep: model
 	$(BIN)/python sweep.py --max-n $(N) --samples 3
 
-# make study: the attention-level variants (sweep.py --study: positions, bias, temperature, few-shot format,
-# isolation, numeric bias, leave-one-out) at N=5 on the WebQuestions dev set (300 questions), and on a second dev
-# set when MYRIADLAMA_DEV names a JSONL of MyriadLAMA facts (manual templates first; --task mask)
+# make study: the baselines and every attention-level variant (sweep.py --study: the candidates, positions, bias,
+# temperature, few-shot format, isolation, numeric bias, leave-one-out) at N=5 on the WebQuestions dev set (300
+# questions) and, when MYRIADLAMA_DEV names a JSONL of MyriadLAMA facts (manual templates first), on it with
+# --task mask; then results/study/study.md, both sets side by side on exact match (docs/study.md)
 MYRIADLAMA_DEV ?=
+STUDY_DIR ?= results/study
+STUDY_ARGS ?=
+STUDY_SETS = $(STUDY_DIR)/webqa_dev $(if $(MYRIADLAMA_DEV),$(STUDY_DIR)/myriadlama_dev)
 study: model
 	$(BIN)/python sweep.py --study --dataset jsonl --data-file data/webqa_dev.jsonl --min-n $(N) --max-n $(N) \
-	  --output-dir results/study/webqa_dev
+	  --output-dir $(STUDY_DIR)/webqa_dev $(STUDY_ARGS)
 	@if [ -n "$(MYRIADLAMA_DEV)" ]; then \
 	  $(BIN)/python sweep.py --study --dataset jsonl --task mask --data-file $(MYRIADLAMA_DEV) --min-n $(N) --max-n $(N) \
-	    --output-dir results/study/myriadlama_dev; \
+	    --output-dir $(STUDY_DIR)/myriadlama_dev $(STUDY_ARGS); \
 	else echo "study: set MYRIADLAMA_DEV=<facts.jsonl> for the second dev set"; fi
+	$(BIN)/python evaluate.py --study $(STUDY_SETS) --output-dir $(STUDY_DIR) --metric exact
 
 # make gpu-check: on one CUDA GPU, in under 8 minutes: the tests marked cuda, then benchmarks/gpu_check.py (the
 # timing table, also as benchmarks/results/gpu_check.json). It uses .venv where there is one, else $(PYTHON) as it

@@ -1,6 +1,7 @@
 """Summarise the result tables of a run: accuracy, cost, the post-hoc vote, where the gain comes from, figures.
 
 python evaluate.py --results-dir DIR [--output-dir DIR2] [--metric partial|exact]
+python evaluate.py --study DIR1 DIR2 [...] --output-dir DIR3 [--metric partial|exact]   # dev sets side by side
 
 Writes report.md/.csv/.png/.pdf, gain.md/.csv and questions.csv; docs/report.md describes every column.
 """
@@ -505,7 +506,7 @@ def _interval_text(value: tuple[float, float, float] | None, signed: bool = True
 
 def _interval_columns(name: str, values: list[tuple[float, float, float] | None], signed: bool = True) -> dict:
     """The readable column `name` and its numeric ones (<short>, <short>_low, <short>_high)."""
-    short = INTERVALS[name]
+    short = INTERVALS.get(name, name.replace(" ", "_"))
     parts = [v if v is not None else (float("nan"),) * 3 for v in values]
     return {name: [_interval_text(v, signed) for v in values], short: [p[0] for p in parts],
             f"{short}_low": [p[1] for p in parts], f"{short}_high": [p[2] for p in parts]}
@@ -1018,6 +1019,94 @@ def report_markdown(analysis: Analysis, results_dir: Path | None) -> str:
     return markdown
 
 
+# ---------------------------------------------------------------------------------------------- the study
+
+DEFAULT_FUSION = "flex_attention"  # the label of the attention-level rows at the default settings
+STUDY_COLUMNS = ("method", "N", "questions", "accuracy", "95% CI", "vs vote", "vs avg", "vs default",
+                 "oracle gap closed", "model tokens/question", "seconds/question")
+STUDY_HEADER = (
+    "Per dev set, every method at the study's N on the {metric} metric: accuracy with its 95% bootstrap interval "
+    "over questions; vs vote / vs avg / vs default: the paired difference with the vote of the same single "
+    "answers, with logit avg and with attention-level fusion at its defaults (flex_attention), with its 95% "
+    "interval; oracle gap closed as in the report; model tokens/question: prompt and decode tokens run through "
+    "the model per question (the vote's: its N single decodes). per_prompt's accuracy is the mean single prompt "
+    "(best and oracle beside it)."
+)
+HELD_HEADER = (
+    "Per method on every dev set: its paired difference with the default fusion and with the vote. verdict: "
+    "better on all (every interval above 0), at least as good on all (every difference >= 0), worse on a set "
+    "(its interval below 0), else mixed."
+)
+
+
+def study_rows(analysis: Analysis) -> pd.DataFrame:
+    """The report of one dev set in the study's columns, with the paired difference against the default fusion."""
+    scores = analysis.scores
+    report = analysis.report.assign(accuracy=analysis.report[analysis.metric])
+    vs_default = [None if method == DEFAULT_FUSION or method.startswith("per_prompt") else
+                  paired(scores[(method, n)], scores.get((DEFAULT_FUSION, n)))
+                  for method, n in zip(report["method"], report["N"])]
+    single = report["method"] == "per_prompt"
+    report.loc[single, "accuracy"] = report.loc[single, "mean"]
+    report.loc[single, "95% CI"] = [f"best {b:.3f}, oracle {o:.3f}" for b, o in
+                                    zip(report.loc[single, "best"], report.loc[single, "oracle"])]
+    return report.assign(**_interval_columns("vs default", vs_default))
+
+
+def verdict(differences: Sequence[tuple[float, float, float] | None], names: Sequence[str]) -> str:
+    """How a method compares with the default on every dev set (each a paired (mean, low, high) or None)."""
+    if any(d is None for d in differences):
+        return ""
+    if all(lo > 0 for _, lo, _ in differences):
+        return "better on all"
+    worse = [name for name, (_, _, hi) in zip(names, differences) if hi < 0]
+    if worse:
+        return "worse on " + ", ".join(worse)
+    return "at least as good on all" if all(mean >= 0 for mean, _, _ in differences) else "mixed"
+
+
+def held_on_all(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per (method, N) present in every dev set's study rows: vs default and vs vote on each, and the verdict."""
+    keyed = {name: t[t["method"] != "per_prompt"].set_index(["method", "N"]) for name, t in tables.items()}
+    common = [k for k in next(iter(keyed.values())).index if all(k in t.index for t in keyed.values())]
+    rows = []
+    for method, n in common:
+        row = {"method": method, "N": n}
+        for name, t in keyed.items():
+            row[f"vs default, {name}"] = t.loc[(method, n), "vs default"]
+            row[f"vs vote, {name}"] = t.loc[(method, n), "vs vote"]
+        diffs = [None if _missing(t.loc[(method, n), "vs_default"]) else
+                 tuple(float(t.loc[(method, n), c]) for c in ("vs_default", "vs_default_low", "vs_default_high"))
+                 for t in keyed.values()]
+        row["verdict"] = "the default" if method == DEFAULT_FUSION else verdict(diffs, list(keyed))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def study_markdown(tables: dict[str, pd.DataFrame], metric: str) -> str:
+    """study.md: one table per dev set, then what held on all of them."""
+    parts = [f"# The study\n\n{STUDY_HEADER.format(metric=metric)}\n"]
+    parts += [f"\n## {name}\n\n{format_markdown(t[list(STUDY_COLUMNS)])}\n" for name, t in tables.items()]
+    parts.append(f"\n## What held on all\n\n{HELD_HEADER}\n\n{format_markdown(held_on_all(tables))}\n")
+    return "".join(parts)
+
+
+def write_study(results_dirs: Sequence[Path], output_dir: Path, metric: str) -> dict[str, pd.DataFrame]:
+    """study.md / study.csv in output_dir from one results dir per dev set (named by its folder)."""
+    names = [Path(d).name for d in results_dirs]
+    if len(set(names)) < len(names):
+        raise InputError(f"--study: the results dirs need distinct folder names, got {', '.join(names)}")
+    tables = {name: study_rows(analyse(d, metric)) for name, d in zip(names, results_dirs)}
+    check_writable_dir(output_dir)
+    numeric = pd.concat([t.assign(dataset=name) for name, t in tables.items()], ignore_index=True)
+    keep = ["dataset", "method", "N", "questions", "accuracy", "ci_low", "ci_high", "mean", "best", "oracle",
+            *(f"{s}{end}" for s in ("vs_vote", "vs_avg", "vs_default") for end in ("", "_low", "_high")),
+            "oracle gap closed", "model tokens/question", "seconds/question"]
+    _write_text(output_dir / "study.md", study_markdown(tables, metric))
+    _write_csv(output_dir / "study.csv", numeric[keep])
+    return tables
+
+
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -1042,12 +1131,17 @@ def write_report(analysis: Analysis, output_dir: Path, results_dir: Path | None 
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", required=True, type=Path, help="folder with the *.feather result tables")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--results-dir", type=Path, help="folder with the *.feather result tables")
+    where.add_argument("--study", type=Path, nargs="+", metavar="DIR", help="one results folder per dev set: "
+                       "study.md / study.csv side by side in --output-dir (what held on all of them)")
     parser.add_argument("--output-dir", type=Path, help="where to write the report files (default: results dir)")
     parser.add_argument("--metric", choices=["partial", "exact"], default="partial",
                         help="the metric of the intervals, paired differences and plots (default partial, upstream's)")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or args.results_dir
+    if args.study:
+        return study_main(args.study, args.output_dir, args.metric)
     try:
         analysis = analyse(args.results_dir, args.metric)
         check_writable_dir(output_dir)
@@ -1061,6 +1155,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWhere the gain comes from ({args.metric}; gain.md has the definitions and the consistency bins):")
         print(format_markdown(gain[[c for c in GAIN_BRIEF if c in gain.columns]]))
     print(f"wrote report.md/.csv/.png/.pdf, gain.md/.csv, questions.csv to {output_dir}")
+    return 0
+
+
+def study_main(results_dirs: list[Path], output_dir: Path | None, metric: str) -> int:
+    try:
+        if output_dir is None:
+            raise InputError("--study needs --output-dir (where study.md / study.csv go)")
+        tables = write_study(results_dirs, output_dir, metric)
+    except InputError as exc:
+        print(f"evaluate.py: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_markdown(held_on_all(tables)))
+    print(f"wrote study.md / study.csv to {output_dir}")
     return 0
 
 

@@ -530,3 +530,68 @@ def test_every_fusion_setting_that_differs_from_the_defaults_is_in_its_label(tmp
     assert set(report.index) == {"flex_attention", "flex[isolation_none]", "flex[bias_agreement,beside_singles,w0.5]"}
     assert report.loc["flex[bias_agreement,beside_singles,w0.5]", "exact"] == pytest.approx(1.0)
     assert report.loc["flex[isolation_none]", "exact"] == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+def _study_set(folder: Path, right: dict[str, list[int]]) -> Path:
+    """A dev set of 4 questions at N=2: per_prompt (paraphrase 0 answers "x", right, where `right` says, else
+    "y"; paraphrase 1 always "y"), avg, the default fusion and one variant, each right ("x") where `right` says."""
+    folder.mkdir()
+    uuids = ["q1", "q2", "q3", "q4"]
+    answers = {u: ["x"] for u in uuids}
+    singles = right.pop("per_prompt")
+    _pp(answers, {u: ["x" if singles[i] else "y", "y"] for i, u in enumerate(uuids)},
+        {u: [bool(singles[i]), False] for i, u in enumerate(uuids)}).to_feather(folder / "per_prompt.feather")
+    for name, (method, extra) in {"ensemble_avg-2": ("avg", {}),
+                                  "flex_attention-2": ("flex_attention", {"positions": "left"}),
+                                  "flex_attention-2-right": ("flex_attention", {"positions": "right"})}.items():
+        label = "flex[right]" if extra.get("positions") == "right" else method
+        _ensemble(method, 2, answers, {u: "x" if r else "y" for u, r in zip(uuids, right[label])},
+                  {u: bool(r) for u, r in zip(uuids, right[label])}, **extra).to_feather(folder / f"{name}.feather")
+    return folder
+
+
+def test_the_study_pairs_every_method_with_the_default_on_each_set_and_says_what_held(tmp_path):
+    """Set A: the variant right on q1-q3 where the default is right on q1 only: +0.5 on A; set B: the variant
+    and the default both right on q1: 0 on B, so at least as good on all, not better. avg loses on A
+    (-0.25: right on none where the default has q1)."""
+    a = _study_set(tmp_path / "set_a", {"per_prompt": [1, 0, 0, 0], "avg": [0, 0, 0, 0],
+                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 1, 1, 0]})
+    b = _study_set(tmp_path / "set_b", {"per_prompt": [1, 1, 0, 0], "avg": [1, 0, 0, 0],
+                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 0, 0, 0]})
+    out = tmp_path / "study"
+    assert evaluate.main(["--study", str(a), str(b), "--output-dir", str(out), "--metric", "exact"]) == 0
+    rows = pd.read_csv(out / "study.csv").set_index(["dataset", "method"])
+    assert rows.loc[("set_a", "flex[right]"), "vs_default"] == pytest.approx(0.5)
+    assert rows.loc[("set_b", "flex[right]"), "vs_default"] == pytest.approx(0.0)
+    assert rows.loc[("set_a", "avg"), "vs_default"] == pytest.approx(-0.25)
+    assert rows.loc[("set_a", "per_prompt"), "accuracy"] == pytest.approx(0.125)  # the mean single prompt
+    assert rows.loc[("set_b", "per_prompt"), "oracle"] == pytest.approx(0.5)
+    assert rows.loc[("set_a", "flex[right]"), "vs_vote"] == pytest.approx(0.5)    # the vote of (x, y): x, q1 right
+    held = evaluate.held_on_all({name: evaluate.study_rows(evaluate.analyse(d, "exact"))
+                                 for name, d in (("set_a", a), ("set_b", b))}).set_index("method")
+    assert held.loc["flex[right]", "verdict"] == "at least as good on all"
+    assert held.loc["flex_attention", "verdict"] == "the default"
+    text = (out / "study.md").read_text()
+    assert "## set_a" in text and "## set_b" in text and "at least as good on all" in text
+
+
+def test_the_verdict_needs_every_interval_above_zero_to_be_better():
+    assert evaluate.verdict([(0.1, 0.01, 0.2), (0.2, 0.1, 0.3)], ["a", "b"]) == "better on all"
+    assert evaluate.verdict([(0.1, 0.01, 0.2), (0.1, -0.1, 0.3)], ["a", "b"]) == "at least as good on all"
+    assert evaluate.verdict([(0.1, 0.01, 0.2), (-0.1, -0.2, -0.01)], ["a", "b"]) == "worse on b"
+    assert evaluate.verdict([(0.1, 0.01, 0.2), (-0.1, -0.2, 0.1)], ["a", "b"]) == "mixed"
+    assert evaluate.verdict([(0.1, 0.01, 0.2), None], ["a", "b"]) == ""
+
+
+def test_the_study_needs_an_output_dir_and_distinct_set_names(tmp_path, capsys):
+    a = _study_set(tmp_path / "set_a", {"per_prompt": [1, 0, 0, 0], "avg": [0] * 4, "flex_attention": [1, 0, 0, 0],
+                                        "flex[right]": [1, 0, 0, 0]})
+    assert evaluate.main(["--study", str(a)]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / "set_a"
+    twin.symlink_to(a)
+    assert evaluate.main(["--study", str(a), str(twin), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "distinct" in capsys.readouterr().err and not (tmp_path / "o").exists()

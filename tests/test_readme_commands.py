@@ -3,11 +3,13 @@ the report, the sweep, the example and the notebook snippet. The data may be sho
 decode never is."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +65,37 @@ def test_readme_sweep(tmp_path):
         out = run([sys.executable, *command, "--limit", "1", "--no-progress", "--output-dir", str(tmp_path)], 1200)
         assert "[17/17]" in out  # per_prompt, then avg, avg_prob, max and fusion for N = 2..5
     assert len(list(tmp_path.glob("*.feather"))) == 17 and (tmp_path / "report.md").exists()
+
+
+TEMPLATES = ("The capital of {} is [MASK].", "{}'s capital city is [MASK].", "{} has its capital in [MASK].",
+             "The capital city of {} is [MASK].", "[MASK] is the capital of {}.")
+
+
+def mask_facts(path: Path) -> Path:
+    """A few facts in the MyriadLAMA dev facts' format (JSONL, [MASK] prompts, the first rows the examples)."""
+    facts = [("France", "Paris", "train"), ("Japan", "Tokyo", "train"), ("Italy", "Rome", "train"),
+             ("Spain", "Madrid", "test"), ("Peru", "Lima", "test")]
+    rows = [{"uuid": f"fact{i}", "paraphrases": [t.format(x) for t in TEMPLATES], "answers": [y], "split": split}
+            for i, (x, y, split) in enumerate(facts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_make_study_on_both_dev_sets(tmp_path):
+    """`make study` as the Makefile has it (N = 5, the whole grid), one question per set; a few facts in their
+    format stand in for the MyriadLAMA dev facts."""
+    bin_dir = os.path.dirname(sys.executable)
+    facts = mask_facts(tmp_path / "facts.jsonl")
+    done = subprocess.run(["make", "-s", "-o", "model", "study", f"BIN={bin_dir}", f"STUDY_DIR={tmp_path}",
+                           "STUDY_ARGS=--limit 1 --no-progress", f"MYRIADLAMA_DEV={facts}"],
+                          cwd=REPO_DIR, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    for dev_set in ("webqa_dev", "myriadlama_dev"):
+        assert len(list((tmp_path / dev_set).glob("flex_attention-*.feather"))) == 20  # the default and 19 variants
+        assert len(list((tmp_path / dev_set / "diversity").glob("flex_attention-*.feather"))) == 5  # each left out
+    study = (tmp_path / "study.md").read_text()
+    assert "## webqa_dev" in study and "## myriadlama_dev" in study and "flex[beside_prior,w0.5]" in study
 
 
 def test_readme_notebook_snippet_runs():

@@ -225,4 +225,13 @@ def resolve_backend(attn: str, compile: str, device: torch.device, device_map: s
                          f"devices; use --attn sdpa (its dense mask is moved with each layer's inputs)")
     compiled = compile == "on" or (compile == "auto" and device.type == "cuda")  # on the CPU only when asked:
     # inductor's CPU kernels compile (docs/compile.md) but take 15-45 s a graph, and sdpa is faster there
-    return backend, compiled, f"flex ({'compiled' if compiled else 'eager'}){why}"
+    return backend, compiled, f"flex ({'compiled' if compiled else 'eager'}){why}{_cpu_compile_warning(compiled, device)}"
+
+
+def _cpu_compile_warning(compiled: bool, device: torch.device) -> str:
+    """Compiled flex gave wrong logits on a CPU without AVX-512 (docs/compile.md): said where the run prints
+    its backend, not refused, as which CPU feature decides it is not established."""
+    if not compiled or device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return ""
+    return ("; WARNING: this CPU has no AVX-512, where compiled flex gave wrong logits (docs/compile.md): "
+            "prefer --compile off or --attn sdpa")

@@ -95,17 +95,11 @@ def assert_same_as_sdpa(settings: FusionSettings, records=SHORT, fewshot=()) -> 
         assert max((x - y).abs().max().item() for x, y in zip(a, b)) <= 1e-4
 
 
-def _avx512() -> bool:
-    try:
-        return "avx512f" in open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-
-
 # Measured 2026-12-02 on an AMD EPYC without AVX-512: inductor's CPU flex kernels differ from sdpa by 0.2-2.5 in
 # the logits (the commit of 2026-12-01 too, so not a change of the code); on the AVX-512 machine of 2026-12-01
 # they matched within 1e-6. Not strict: which CPU feature matters is not established (docs/compile.md).
-WRONG_ON_THIS_CPU = pytest.mark.xfail(not _avx512(), strict=False,
+WRONG_ON_THIS_CPU = pytest.mark.xfail(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                                      strict=False,
                                       reason="inductor's CPU flex kernels give wrong logits without AVX-512 here")
 
 

@@ -110,10 +110,19 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ("flex", "off", CUDA, ("flex", False, "flex (eager)")),
     ("flex", "auto", CUDA, ("flex", True, "flex (compiled)")),
     ("flex", "on", CUDA, ("flex", True, "flex (compiled)")),
-    ("flex", "on", CPU, ("flex", True, "flex (compiled)")),  # on the CPU only when asked
 ])
 def test_resolve_backend(attn, compile, device, expected):
     assert resolve_backend(attn, compile, device) == expected
+
+
+def test_compiled_flex_on_the_cpu_only_when_asked_and_a_warning_without_avx512(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolve_backend("flex", "on", CPU) == ("flex", True, "flex (compiled)")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    backend, compiled, label = resolve_backend("flex", "on", CPU)
+    assert (backend, compiled) == ("flex", True) and "WARNING: this CPU has no AVX-512" in label
+    assert resolve_backend("flex", "off", CPU)[2] == "flex (eager)"  # eager flex is not affected
+    assert "WARNING" not in resolve_backend("flex", "on", CUDA)[2]
 
 
 @pytest.mark.parametrize(("attn", "compile", "device", "device_map", "message"), [

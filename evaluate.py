@@ -1091,8 +1091,47 @@ def study_markdown(tables: dict[str, pd.DataFrame], metric: str) -> str:
     return "".join(parts)
 
 
+def study_figure(tables: dict[str, pd.DataFrame], metric: str):
+    """study.png: per method found in every set, its paired difference with the default fusion (left) and with
+    the vote (right) in points of the metric, one marker with its 95% interval per dev set; the methods sorted
+    by their mean difference with the default, the best on top."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keyed = {name: t.set_index(["method", "N"]) for name, t in tables.items()}
+    held = held_on_all(tables)
+    keys = list(zip(held["method"], held["N"]))
+    mean_gain = {k: 0.0 if k[0] == DEFAULT_FUSION else float(np.nanmean([t.loc[k, "vs_default"] for t in keyed.values()]))
+                 for k in keys}
+    order = sorted(keys, key=lambda k: mean_gain[k])
+    several_n = len({n for _, n in keys}) > 1
+    fig = Figure(figsize=(13, 1.6 + 0.3 * len(order)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    offsets = np.linspace(-0.18, 0.18, len(keyed)) if len(keyed) > 1 else np.zeros(1)
+    palette = colormaps["tab10"].colors
+    for ax, short, title in zip(axes, ("vs_default", "vs_vote"), ("vs the default fusion", "vs the vote")):
+        for (name, t), offset, color in zip(keyed.items(), offsets, palette):
+            shown = [(i, t.loc[k]) for i, k in enumerate(order) if not _missing(t.loc[k, short])]
+            x = np.array([100 * row[short] for _, row in shown])
+            low = np.array([100 * row[f"{short}_low"] for _, row in shown])
+            high = np.array([100 * row[f"{short}_high"] for _, row in shown])
+            ax.errorbar(x, [i + offset for i, _ in shown], xerr=np.vstack([x - low, high - x]).clip(0), fmt="o",
+                        color=color, markersize=4, capsize=2, linewidth=1, label=name)
+        ax.axvline(0, color=GREY, linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel(f"paired difference in {metric} match (points, 95% interval)")
+        ax.grid(axis="x", alpha=0.3)
+    names = [f"{m} (default)" if m == DEFAULT_FUSION else m for m, _ in order]
+    axes[0].set_yticks(range(len(order)), [f"{m} (N={n})" if several_n else m for m, (_, n) in zip(names, order)])
+    axes[0].set_ylim(-0.6, len(order) - 0.4)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(keyed), frameon=False)
+    return fig
+
+
 def write_study(results_dirs: Sequence[Path], output_dir: Path, metric: str) -> dict[str, pd.DataFrame]:
-    """study.md / study.csv in output_dir from one results dir per dev set (named by its folder)."""
+    """study.md / study.csv / study.png in output_dir from one results dir per dev set (named by its folder)."""
     names = [Path(d).name for d in results_dirs]
     if len(set(names)) < len(names):
         raise InputError(f"--study: the results dirs need distinct folder names, got {', '.join(names)}")
@@ -1104,6 +1143,8 @@ def write_study(results_dirs: Sequence[Path], output_dir: Path, metric: str) -> 
             "oracle gap closed", "model tokens/question", "seconds/question"]
     _write_text(output_dir / "study.md", study_markdown(tables, metric))
     _write_csv(output_dir / "study.csv", numeric[keep])
+    fig = study_figure(tables, metric)
+    atomic_write(output_dir / "study.png", lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi))
     return tables
 
 

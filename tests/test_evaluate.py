@@ -595,3 +595,23 @@ def test_the_study_needs_an_output_dir_and_distinct_set_names(tmp_path, capsys):
     twin.symlink_to(a)
     assert evaluate.main(["--study", str(a), str(twin), "--output-dir", str(tmp_path / "o")]) == 2
     assert "distinct" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_study_figure_sorts_methods_by_their_gain_and_draws_one_interval_per_set(tmp_path):
+    a = _study_set(tmp_path / "set_a", {"per_prompt": [1, 0, 0, 0], "avg": [0, 0, 0, 0],
+                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 1, 1, 0]})
+    b = _study_set(tmp_path / "set_b", {"per_prompt": [1, 1, 0, 0], "avg": [1, 0, 0, 0],
+                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 1, 0, 0]})
+    tables = {name: evaluate.study_rows(evaluate.analyse(d, "exact")) for name, d in (("set_a", a), ("set_b", b))}
+    fig = evaluate.study_figure(tables, "exact")
+    left, right = fig.axes
+    labels = [t.get_text() for t in left.get_yticklabels()]
+    # mean vs default: flex[right] +0.375, vote +0.125 (0 on a, +0.25 on b), the default 0, avg -0.125
+    assert labels[-1] == "flex[right]" and labels.index("flex_attention (default)") > labels.index("avg")
+    for ax in (left, right):
+        assert len(ax.containers) == 2 and ax.get_xlabel().startswith("paired difference in exact match")
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["set_a", "set_b"]
+    points = left.containers[0].lines[0].get_xdata()  # set_a, vs default, in points: avg -25, vote, flex[right] +50
+    assert 50.0 in list(points) and -25.0 in list(points)
+    evaluate.write_study([a, b], tmp_path / "out", "exact")
+    assert (tmp_path / "out" / "study.png").stat().st_size > 10_000

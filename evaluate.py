@@ -1175,15 +1175,19 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--results-dir", type=Path, help="folder with the *.feather result tables")
     where.add_argument("--study", type=Path, nargs="+", metavar="DIR", help="one results folder per dev set: "
-                       "study.md / study.csv side by side in --output-dir (what held on all of them)")
+                       "study.md / study.csv / study.png side by side in --output-dir (what held on all of them)")
     parser.add_argument("--output-dir", type=Path, help="where to write the report files (default: results dir)")
     parser.add_argument("--metric", choices=["partial", "exact"], default="partial",
                         help="the metric of the intervals, paired differences and plots (default partial, upstream's)")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or args.results_dir
-    if args.study:
-        return study_main(args.study, args.output_dir, args.metric)
     try:
+        if args.study:
+            if output_dir is None:
+                raise InputError("--study needs --output-dir (where study.md / study.csv / study.png go)")
+            print(format_markdown(held_on_all(write_study(args.study, output_dir, args.metric))))
+            print(f"wrote study.md / study.csv / study.png to {output_dir}")
+            return 0
         analysis = analyse(args.results_dir, args.metric)
         check_writable_dir(output_dir)
     except InputError as exc:
@@ -1196,19 +1200,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWhere the gain comes from ({args.metric}; gain.md has the definitions and the consistency bins):")
         print(format_markdown(gain[[c for c in GAIN_BRIEF if c in gain.columns]]))
     print(f"wrote report.md/.csv/.png/.pdf, gain.md/.csv, questions.csv to {output_dir}")
-    return 0
-
-
-def study_main(results_dirs: list[Path], output_dir: Path | None, metric: str) -> int:
-    try:
-        if output_dir is None:
-            raise InputError("--study needs --output-dir (where study.md / study.csv go)")
-        tables = write_study(results_dirs, output_dir, metric)
-    except InputError as exc:
-        print(f"evaluate.py: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(format_markdown(held_on_all(tables)))
-    print(f"wrote study.md / study.csv to {output_dir}")
     return 0
 
 

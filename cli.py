@@ -166,8 +166,10 @@ def add_fusion_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> N
                    help="flex: FlexAttention BlockMask; sdpa: the same mask dense (reference backend); auto: flex "
                         "on CUDA, sdpa on CPU")
     p.add_argument("--fusion-bias", default=DEFAULT_FUSION_BIAS,
-                   metavar="{none,uniform,confidence,agreement,shares,B}",
-                   help="score bias of the answer on paraphrase keys: uniform -log N, confidence log(weight), "
+                   metavar="{none,uniform,sqrt,confidence,agreement,shares,B}",
+                   help="score bias of the answer on paraphrase keys: uniform -log N (keeps N identical copies == that "
+                        "prompt alone), sqrt -1/2 log N (the default: chosen on both dev sets, docs/study.md), "
+                        "confidence log(weight), "
                         "agreement log(share of the N single answers that agree with the paraphrase's own), shares "
                         "(each paraphrase about the same attention share: log w, w ~ 1/first token's share), or a "
                         "number B added on every paraphrase (log of APE's scale S)")

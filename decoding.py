@@ -16,7 +16,8 @@ from transformers import DynamicCache
 
 from constants import InputError
 from fusion import POSITIONS
-from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SHOT_ANSWER, SHOT_STRIDE, attention_implementation
+from segment_mask import (FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SHOT_ANSWER, SHOT_STRIDE, SegmentMask,
+                          attention_implementation)
 
 
 @dataclass
@@ -167,6 +168,9 @@ class PaddingMask:
     def prefill(self, cached: int = 0) -> dict:
         return {"attention_mask": self.mask}  # transformers wants the 2D mask over cached and new tokens
 
+    def prefix(self, length: int) -> dict:
+        return {"attention_mask": self.mask[:1, :length]}
+
     def step(self) -> dict:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         return {"attention_mask": self.mask}
@@ -245,34 +249,45 @@ def prefill(model, ids: torch.Tensor, pos: torch.Tensor, mask: dict, logits_to_k
 
 
 def shared_prefix_length(rows: list[Row]) -> int:
-    """How many leading tokens every row shares as plain prefix (same ids, positions 0..k-1, prefix
-    segment), leaving each row at least one token of its own."""
+    """How many leading tokens every row shares as prefix: the same ids, positions and segments, each segment
+    the plain prefix or a few-shot example's (--fewshot-format fused), never the question's; every row keeps
+    at least one token of its own."""
     first = rows[0]
     limit = min(len(r.input_ids) for r in rows) - 1
     for i in range(limit):
-        if first.segment_ids[i] != PREFIX_SEGMENT or first.position_ids[i] != i or any(
-                r.input_ids[i] != first.input_ids[i] or r.segment_ids[i] != PREFIX_SEGMENT for r in rows):
+        if not shared_segment(first.segment_ids[i]) or any(
+                (r.input_ids[i], r.position_ids[i], r.segment_ids[i]) !=
+                (first.input_ids[i], first.position_ids[i], first.segment_ids[i]) for r in rows):
             return i
     return max(limit, 0)
+
+
+def shared_segment(segment_id: int) -> bool:
+    """The plain prefix, or a few-shot example's paraphrase or answer: the same in every row of a run."""
+    return segment_id == PREFIX_SEGMENT or SHOT_STRIDE <= segment_id < FUSED_SEGMENT
 
 
 class PrefixCache:
     """The KV of the shared prefix (instruction and few-shot examples), computed once per run and prompt
     format and reused by every batch, as serving engines cache prefixes. One per loaded model; keyed by
-    the prefix's ids, dtype, device and the weights' version (weights changed in place recompute it)."""
+    the prefix's ids, positions, the mask it is encoded under, dtype, device and the weights' version
+    (weights changed in place recompute it)."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def batch(self, model, ids: torch.Tensor, pos: torch.Tensor, rows: int) -> tuple[DynamicCache, int]:
-        """A KV cache holding the prefix for `rows` rows, and how many tokens had to be computed (0 on reuse)."""
-        key = (tuple(ids.tolist()), model.dtype, str(ids.device), weights_version(model))
+    def batch(self, model, ids: torch.Tensor, pos: torch.Tensor, rows: int,
+              mask: SegmentMask | None = None) -> tuple[DynamicCache, int]:
+        """A KV cache holding the prefix for `rows` rows, and how many tokens had to be computed (0 on reuse).
+        A plain prefix is encoded causally; one with fused few-shot examples under `mask`, the rows' own."""
+        rule = mask.prefix_key(len(ids)) if mask is not None else ("causal",)
+        key = (tuple(ids.tolist()), tuple(pos.tolist()), rule, model.dtype, str(ids.device), weights_version(model))
         computed = 0
         if key not in self.entries:
             self.entries = {}  # one prompt format at a time: a new one replaces the old
-            mask = PaddingMask(torch.zeros_like(ids)[None], 0)
-            with mask.attention(model):  # plain causal attention: the prefix sees only itself
-                _, cache = prefill(model, ids[None], pos[None], mask.prefill())
+            mask = mask.first_row() if mask is not None else PaddingMask(torch.zeros_like(ids)[None], 0)
+            with mask.attention(model):  # the prefix sees only itself (an example: the prefix and its block)
+                _, cache = prefill(model, ids[None], pos[None], mask.prefix(len(ids)))
             self.entries[key] = [(layer.keys, layer.values) for layer in cache.layers]
             computed = len(ids)
         layers = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.entries[key]]
@@ -329,7 +344,9 @@ def prefill_rows(lm: LanguageModel, rows: list[Row], n: int, renderer: Renderer,
     stats.prefill_tokens += ids[:, shared:].numel()
     cache = None
     if shared:
-        cache, computed = lm.prefix_cache.batch(lm.model, ids[0, :shared], pos[0, :shared], len(rows))
+        examples = any(s != PREFIX_SEGMENT for s in rows[0].segment_ids[:shared])  # --fewshot-format fused
+        cache, computed = lm.prefix_cache.batch(lm.model, ids[0, :shared], pos[0, :shared], len(rows),
+                                                mask if examples else None)
         stats.prefill_tokens += computed
     with mask.attention(lm.model):
         logits, cache = prefill(lm.model, ids[:, shared:], pos[:, shared:], mask.prefill(shared), cache=cache)

@@ -346,13 +346,17 @@ def _with_keys(per_prompt: pd.DataFrame) -> pd.DataFrame:
 def singles(rows: pd.DataFrame, per_prompt: pd.DataFrame, n: int) -> pd.DataFrame:
     """The single prompts behind each row, one line per (row, paraphrase) in the order of the row's indices:
     `row` (its position in `rows`), `pos` (in its indices), uuid, paraphrase_index, and the per_prompt line's
-    prediction, key, scores and costs. Paraphrases the per_prompt table lacks are left out."""
+    prediction, key, scores and costs. A row whose paraphrases the per_prompt table does not all hold gets no
+    lines: a vote of 7 from 5 single answers would be a vote of 5 under another name."""
     picks = pd.DataFrame({"row": range(len(rows)), "uuid": rows["uuid"].to_numpy(),
                           "paraphrase_index": selections(rows, n)}).explode("paraphrase_index").dropna()
     picks = picks.assign(pos=picks.groupby("row").cumcount(), paraphrase_index=picks["paraphrase_index"].astype(int))
     keep = ["uuid", "paraphrase_index", *(c for c in SINGLE_COLUMNS if c in per_prompt.columns)]
     table = per_prompt[keep].drop_duplicates(["uuid", "paraphrase_index"])
-    return picks.merge(table, on=["uuid", "paraphrase_index"]).sort_values(["row", "pos"]).reset_index(drop=True)
+    lines = picks.merge(table, on=["uuid", "paraphrase_index"])
+    complete = lines.groupby("row")["pos"].transform("size") == picks.groupby("row")["pos"].size().reindex(
+        lines["row"]).to_numpy()
+    return lines[complete].sort_values(["row", "pos"]).reset_index(drop=True)
 
 
 def vote_position(keys: Sequence[str]) -> int:
@@ -1007,7 +1011,8 @@ def report_markdown(analysis: Analysis, results_dir: Path | None) -> str:
     labels = label_map(analysis)
     if not labels.empty:
         markdown += (f"\n## Labels\n\nA label names a method with the settings that differ from the defaults "
-                     f"(positions left, fusion bias uniform, temperature 1, few-shot format single; flex = "
+                     f"(positions {DEFAULT_POSITIONS}, fusion bias {DEFAULT_FUSION_BIAS}, temperature "
+                     f"{DEFAULT_FUSION_TEMPERATURE:g}, few-shot format {DEFAULT_FEWSHOT_FORMAT}; flex = "
                      f"flex_attention) and how it chose its paraphrases (S<k>: k sampled selections per question, "
                      f"repeat: one paraphrase N times).\n\n{format_markdown(labels)}\n")
     markdown += ("\nAlso written: gain.md / gain.csv (where the gain comes from), questions.csv (every method's "

@@ -6,8 +6,6 @@ paraphrases answered by a tiny random model in one fused sequence, with the isol
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cli import OneLineParser, main_guard
@@ -17,7 +15,7 @@ from fusion import FusionSettings
 from inspect_fusion import TopK, isolation_diffs, print_isolation, print_layout, print_steps, tolerance
 from methods import answer_fused, decode_fused
 from models import load_model
-from segment_mask import FUSED_SEGMENT, PREFIX_SEGMENT, allowed_matrix, draw_mask, mask_legend
+from segment_mask import FUSED_SEGMENT, PREFIX_SEGMENT, allowed_matrix, draw_mask, mask_legend, segment_biases
 
 # A hand-made layout: token ids do not matter for the mask, only the segments do.
 PREFIX = [11, 12, 13]            # instruction and few-shot examples, shared
@@ -63,9 +61,9 @@ def run_ensemble(model_name: str, attn: str, max_new_tokens: int) -> bool:
     print("generated tokens (greedy; top-3 candidates):")
     print_steps(lm.tokenizer, tokens, chooser)
     # An independent reference: no KV cache, the whole sequence re-run every step under the dense mask
-    # drawn above (allowed_matrix) with the -log N bias written out, through plain SDPA; the command's own
-    # entry point must agree with it.
-    reference = full_recompute(lm.model, row, max_new_tokens, bias=-math.log(3))
+    # drawn above (allowed_matrix) with the default bias (sqrt: -1/2 log N) written out, through plain SDPA; the
+    # command's own entry point must agree with it.
+    reference = full_recompute(lm.model, row, max_new_tokens, bias=segment_biases(3, settings.bias)[0])
     fused = answer_fused(lm, dataset, [QUESTION], 3, stop, settings)[0][0]
     same = tokens == reference and fused["token_ids"] == reference
     print(f"the cached decode and answer_fused give the tokens of a no-cache full recompute: {same}")

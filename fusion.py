@@ -12,7 +12,7 @@ from constants import (DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSI
 from dataset import FEWSHOT_FORMATS
 
 POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted as the old name of "left", here only
-FUSION_BIASES = ("none", "uniform", "confidence", "agreement", "shares")  # or a number B: log of APE's scale S
+FUSION_BIASES = ("none", "uniform", "sqrt", "confidence", "agreement", "shares")  # or a number B: log of APE's scale S
 BESIDE = ("none", "singles", "prior")  # rows decoded beside the fused row, their log-probabilities combined
 ISOLATIONS = ("full", "none")  # none: the paraphrases as one plain causal sequence (upstream's -n ablation)
 BACKENDS = ("sdpa", "flex")
@@ -24,8 +24,9 @@ class FusionSettings:
 
     positions: left (every paraphrase starts after the prefix), right (every one ends before the suffix)
         or continuous (0..L-1, upstream's); bias: the answer's score bias on paraphrase keys (none, uniform
-        -log N, confidence / agreement log w (w from sampled answers / from the N single answers' votes), shares
-        log w with w ~ 1/(the paraphrase's attention share at the first token under uniform), or a number B on
+        -log N, sqrt -1/2 log N (the default), confidence / agreement log w (w from sampled answers / from the N
+        single answers' votes), shares log w with w ~ 1/(the paraphrase's attention share at the first token
+        under uniform), or a number B on
         every paraphrase: log of APE's scale S); temperature:
         those scores divided by T (APE); fewshot: single (each example as one question) or fused (as its N
         isolated paraphrases); backend: sdpa (dense mask) or flex (FlexAttention BlockMask), compiled or

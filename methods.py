@@ -13,10 +13,11 @@ import torch
 from confidence import normalised_weights
 from constants import InputError
 from dataset import Dataset, Record
-from decoding import Chooser, DecodeStats, LanguageModel, Row, StopRule, decode, fused_row, greedy, single_rows
+from decoding import (Chooser, DecodeStats, LanguageModel, Row, StopRule, decode, fused_row, greedy,
+                      shared_prefix_length, single_rows)
 from fusion import FusionSettings
 from results import result_row
-from segment_mask import PREFIX_SEGMENT, AttentionShares, SegmentMask, flex_available, segment_biases
+from segment_mask import AttentionShares, SegmentMask, flex_available, segment_biases
 
 AUTO_CUDA_BACKEND = "flex"  # --attn auto on CUDA; to be set from the GPU table (benchmarks/README.md)
 FUSION_METHODS = ("avg", "avg_prob", "max", "weighted_avg", "weighted_max")
@@ -72,9 +73,9 @@ def question_free(record: Record) -> Record:
 
 def token_counts(rows: list[Row], tokens: list[int]) -> dict:
     """What one question's rows cost in tokens run through the model, independent of its batch: its prompt
-    tokens beyond the shared prefix (encoded once per run) and its decode steps' tokens (every generated
-    token but the last runs through each of its rows)."""
-    prompt = sum(sum(s != PREFIX_SEGMENT for s in row.segment_ids) for row in rows)
+    tokens beyond the shared prefix (the instruction and examples, fused ones too, encoded once per run) and
+    its decode steps' tokens (every generated token but the last runs through each of its rows)."""
+    prompt = sum(len(row.input_ids) for row in rows) - len(rows) * shared_prefix_length(rows)
     return dict(prompt_tokens=int(prompt), decode_tokens=max(len(tokens) - 1, 0) * len(rows))
 
 

@@ -48,6 +48,7 @@ paraphrase and the suffix (`AttentionShares`), recomputed from each layer's quer
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from functools import lru_cache
@@ -191,12 +192,15 @@ def score_segments(segment_ids: torch.Tensor, isolation: str) -> torch.Tensor:
 
 
 def segment_biases(n: int, mode: str, weights: list[float] | None = None) -> list[float]:
-    """Score bias per paraphrase segment: none 0; uniform -log N; confidence / agreement / shares log(weight);
-    a number B: B on every paraphrase (log of APE's scale S; uniform is B = -log N)."""
+    """Score bias per paraphrase segment: none 0; uniform -log N (N copies of one prompt weigh as that prompt);
+    sqrt -1/2 log N (weights 1/sqrt N: between none and uniform, 0 at N=1); confidence / agreement / shares
+    log(weight); a number B: B on every paraphrase (log of APE's scale S; uniform is B = -log N)."""
     if mode == "none":
         return [0.0] * n
     if mode == "uniform":
         return [-math.log(n)] * n
+    if mode == "sqrt":
+        return [-0.5 * math.log(n)] * n
     if mode in ("confidence", "agreement", "shares"):
         return [math.log(max(w, 1e-6)) for w in weights]
     return [float(mode)] * n
@@ -420,7 +424,8 @@ class SegmentMask:
     """The MaskRenderer of attention-level fusion, for `settings.backend` flex or sdpa (dense). The whole
     decode's mask (prompt plus max_new_tokens) is rendered once per batch; each decode step takes its query
     row from it. biases [B, N]: each paraphrase's score bias for the queries that read it (the answer), or
-    None (no bias); few-shot examples' paraphrases get -log N whenever there is a bias; scores on paraphrase
+    None (no bias); few-shot examples' paraphrases get -1/2 log N under the sqrt bias and -log N under any other
+    (an example has no votes or confidence of its own); scores on paraphrase
     keys are divided by settings.temperature; settings.isolation none lets the paraphrases see each other;
     settings.record_attention keeps each generated token's `AttentionShares` over `paraphrases` (N; default:
     the largest question paraphrase segment id). `compile_backend` other than inductor is for tests that
@@ -436,7 +441,8 @@ class SegmentMask:
         width = -(-(self.total + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
         self.segment_ids = torch.cat([segment_ids, segment_ids.new_full((rows, max_new_tokens), FUSED_SEGMENT),
                                       segment_ids.new_full((rows, width - self.total), PAD_SEGMENT)], dim=1)
-        example_bias = -math.log(biases.shape[1]) if biases is not None else 0.0
+        example_bias = segment_biases(biases.shape[1], "sqrt" if settings.bias == "sqrt" else "uniform")[0] \
+            if biases is not None else 0.0
         self.key_bias = self.token_bias(biases, example_bias) if biases is not None else None
         self.key_scale = None
         if settings.temperature != 1.0:
@@ -501,6 +507,26 @@ class SegmentMask:
     def prefill(self, cached: int = 0) -> dict:
         """The prompt's queries (those after `cached` tokens already in the KV cache) over the prompt."""
         return self.recorded(self.render(cached, self.length - cached, self.length), self.length - 1)
+
+    def first_row(self) -> "SegmentMask":
+        """This mask for its first row only, recording nothing: what encodes a shared prefix that holds fused
+        few-shot examples once for every row (decoding.PrefixCache)."""
+        first = copy.copy(self)
+        first.shares, first.full = None, None
+        first.select(torch.tensor([0], device=self.segment_ids.device))
+        return first
+
+    def prefix(self, length: int) -> dict:
+        """The first `length` tokens over themselves (a shared prefix, encoded before the rest of the prompt)."""
+        return self.render(0, length, length)
+
+    def prefix_key(self, length: int) -> tuple:
+        """What the KV of `prefix(length)` depends on beyond the tokens and positions: segments, score changes
+        (the examples' bias, 1/T), isolation and backend."""
+        def first(values: torch.Tensor | None) -> tuple | None:
+            return None if values is None else tuple(values[0, :length].tolist())
+        return (first(self.segment_ids), first(self.key_bias), first(self.key_scale), self.isolation, self.backend,
+                self.dtype)
 
     def step(self) -> dict:
         """The next generated token's query row, sliced from the whole decode's mask."""

@@ -121,9 +121,9 @@ def test_shares_equal_eager_attention_weights():
     record = ds.records[1]
     row = fused_row(tokenizer, ds.prompt_parts(record, 3))
     _, tokens, _, shares = decode_fused_shares(LanguageModel(model, tokenizer, prefix_cache=None), ds, [record], 3,
-                                               no_stop(1), FusionSettings(record_attention=True))
+                                               no_stop(1), FusionSettings(bias="uniform", record_attention=True))
     ids, pos, seg = pad_left([row], 0, model.device)
-    mask = SegmentMask(seg, 0, FusionSettings(), torch.full((1, 3), -math.log(3)))
+    mask = SegmentMask(seg, 0, FusionSettings(bias="uniform"), torch.full((1, 3), -math.log(3)))
     with torch.inference_mode(), attention_implementation(model, "eager"):
         out = model(input_ids=ids, position_ids=pos, output_attentions=True, **mask.prefill())
     columns = share_columns(seg, 3)[0]

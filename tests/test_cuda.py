@@ -52,7 +52,7 @@ def dataset() -> Dataset:
 
 
 def uniform(batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """The default fusion bias (-log N per paraphrase): every compiled call has the same score_mod, so the
+    """The uniform fusion bias (-log N per paraphrase): every compiled call has the same score_mod, so the
     tests share graphs (one per prefill/decode and batch of 1 or more) instead of compiling each variant."""
     return torch.tensor([segment_biases(n, "uniform")] * batch, device=device)
 
@@ -130,7 +130,7 @@ class EarlyStops:
 
 def run_batches(lm: LanguageModel, records: list[Record], sizes: list[int], backend: str, max_new: int = 6,
                 compile_backend="inductor") -> list[list[int]]:
-    """Batches of the given sizes through the fused decode loop (N=3, the uniform bias: the default score_mod),
+    """Batches of the given sizes through the fused decode loop (N=3, the uniform bias: one score_mod for every bias),
     with early stops."""
     ds = Dataset("t", "qa", records, FEW_SHOT)
     stop = StopRule({STOP_ID}, max_new, first_line_only=False)

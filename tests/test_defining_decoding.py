@@ -13,7 +13,7 @@ import torch
 from conftest import cached_tiny
 from decoding import (DecodeStats, LanguageModel, PrefixCache, Row, Sampler, StopRule, answer_text, decode, eos_ids,
                       greedy, pad_left, shared_prefix_length)
-from segment_mask import FUSED_SEGMENT, PAD_SEGMENT
+from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, SHOT_ANSWER, SHOT_STRIDE
 
 F = FUSED_SEGMENT
 
@@ -35,7 +35,7 @@ def test_pad_left_after_a_shared_prefix_pads_in_the_middle():
     assert seg.tolist() == [[0, 0, 1, 1, F], [0, 0, PAD_SEGMENT, PAD_SEGMENT, F]]
 
 
-def test_shared_prefix_length_counts_the_leading_plain_prefix_every_row_shares():
+def test_shared_prefix_length_counts_the_leading_prefix_every_row_shares():
     a = Row([1, 2, 3, 4, 5], [0, 0, 0, 1, F], [0, 1, 2, 3, 4])
     b = Row([1, 2, 3, 6], [0, 0, 0, F], [0, 1, 2, 3])
     assert shared_prefix_length([a, b]) == 3
@@ -43,8 +43,15 @@ def test_shared_prefix_length_counts_the_leading_plain_prefix_every_row_shares()
     assert shared_prefix_length([a, Row([1, 2, 9, 6], [0, 0, 0, F], [0, 1, 2, 3])]) == 2
     # a token that is not the prefix segment in one row ends it
     assert shared_prefix_length([a, Row([1, 2, 3, 6], [0, 0, 1, F], [0, 1, 2, 3])]) == 2
-    # positions must be 0..k-1
-    assert shared_prefix_length([Row([1, 2, 3, 4], [0, 0, 0, F], [0, 1, 5, 6])] * 2) == 2
+    # positions must be the same in every row
+    assert shared_prefix_length([Row([1, 2, 3, 4], [0, 0, 0, F], [0, 1, 5, 6]), Row([1, 2, 3, 4], [0, 0, 0, F],
+                                                                                    [0, 1, 2, 6])]) == 2
+    # fused few-shot examples (paraphrases E1, E2 at their own positions, answer EA) are shared; the question is not
+    e1, e2, ea = SHOT_STRIDE + 1, SHOT_STRIDE + 2, SHOT_STRIDE + SHOT_ANSWER
+    fused = Row([1, 7, 8, 9, 2, 5, 6], [0, e1, e2, ea, 1, 2, F], [0, 1, 1, 2, 3, 3, 4])
+    assert shared_prefix_length([fused, fused]) == 4
+    assert shared_prefix_length([fused, Row([1, 7, 8, 9, 3], [0, e1, e2, ea, F], [0, 1, 1, 2, 3])]) == 4
+    assert shared_prefix_length([fused, Row([1, 7, 8, 9, 2], [0, e1, e1, ea, F], [0, 1, 1, 2, 3])]) == 2
     # every row keeps at least one token of its own: identical rows of 4 share 3
     assert shared_prefix_length([b, b]) == 3
     assert shared_prefix_length([Row([1], [0], [0])]) == 0

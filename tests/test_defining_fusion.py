@@ -14,7 +14,7 @@ from dataset import Record
 from decoding import Row
 from fusion import FusionSettings
 from methods import combine_beside, fuse_logits, fusion_biases, resolve_backend, token_counts
-from segment_mask import FUSED_SEGMENT, segment_biases
+from segment_mask import FUSED_SEGMENT, SHOT_ANSWER, SHOT_STRIDE, segment_biases
 
 # one question, N = 3 paraphrases, V = 4 tokens, as probabilities (each row sums to 1)
 P = [[0.01, 0.47, 0.02, 0.50],
@@ -92,6 +92,13 @@ def test_token_counts_count_prompt_tokens_beyond_the_prefix_and_every_row_per_st
     assert token_counts(rows, [7, 8, 9]) == {"prompt_tokens": 4 + 3, "decode_tokens": 2 * 2}
     assert token_counts(rows[:1], [7]) == {"prompt_tokens": 4, "decode_tokens": 0}
     assert token_counts(rows[:1], []) == {"prompt_tokens": 4, "decode_tokens": 0}
+    # fused few-shot examples (paraphrases E1, E2, answer EA) are encoded once per run with the prefix
+    e1, e2, ea = SHOT_STRIDE + 1, SHOT_STRIDE + 2, SHOT_STRIDE + SHOT_ANSWER
+    fused = Row([1] * 7, [0, e1, e2, ea, 1, 2, F], [0, 1, 1, 2, 3, 3, 4])
+    assert token_counts([fused], [7, 8]) == {"prompt_tokens": 3, "decode_tokens": 1}
+    # beside plain rows whose examples are not fused, only the plain prefix is shared
+    plain = Row([1] * 6, [0, 0, 0, 0, 1, F], list(range(6)))
+    assert token_counts([fused, plain], [7]) == {"prompt_tokens": 6 + 5, "decode_tokens": 0}
 
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -149,6 +156,8 @@ def test_sdpa_takes_a_device_map_and_flex_needs_flexattention(monkeypatch):
 def test_segment_biases_by_mode():
     assert segment_biases(3, "none") == [0.0, 0.0, 0.0]
     assert segment_biases(4, "uniform") == [-math.log(4)] * 4
+    assert segment_biases(4, "sqrt") == [-0.5 * math.log(4)] * 4  # weights 1/sqrt N
+    assert segment_biases(1, "sqrt") == segment_biases(1, "uniform") == [0.0]  # one paraphrase: no bias at all
     assert segment_biases(2, "confidence", [0.25, 0.75]) == [math.log(0.25), math.log(0.75)]
     assert segment_biases(2, "confidence", [1.0, 0.0]) == [0.0, math.log(1e-6)]  # a zero weight: log 1e-6
     assert segment_biases(2, "confidence", [1.0, 1e-7]) == [0.0, math.log(1e-6)]
@@ -162,6 +171,7 @@ def test_fusion_biases_per_question():
     assert fusion_biases(FusionSettings(bias="none"), batch, 2, weights, CPU) is None
     uniform = fusion_biases(FusionSettings(bias="uniform"), batch, 2, None, CPU)
     assert uniform.shape == (2, 2) and torch.allclose(uniform, torch.full((2, 2), -math.log(2)))
+    assert torch.allclose(fusion_biases(FusionSettings(), batch, 2, None, CPU), torch.full((2, 2), -0.5 * math.log(2)))
     conf = fusion_biases(FusionSettings(bias="confidence"), batch, 2, weights, CPU)
     assert torch.allclose(conf, torch.tensor([[math.log(0.25), math.log(0.75)], [math.log(0.5)] * 2]))
     assert torch.allclose(fusion_biases(FusionSettings(bias="1.5"), batch, 2, None, CPU), torch.full((2, 2), 1.5))
@@ -207,3 +217,17 @@ def test_beside_settings_name_their_table_and_refuse_what_they_cannot_do():
         with pytest.raises(InputError, match=message):
             FusionSettings(**bad)
     assert FusionSettings(beside="prior", beside_weight=2.0).beside_weight == 2.0  # contrast may exceed 1
+
+
+def test_a_table_of_the_old_default_bias_is_never_resumed_as_the_new_default(tmp_path):
+    """Before sqrt, uniform was the default and its tables were flex_attention-<N>.feather: resumed under the
+    new default they would mix two biases in one table. The kept settings refuse it; uniform has its own name."""
+    from results import ResultWriter, check_settings
+    from runner import fusion_flags
+    assert FusionSettings().table_name(5) == "flex_attention-5.feather"
+    assert FusionSettings(bias="uniform").table_name(5) == "flex_attention-5-bias_uniform.feather"
+    table = tmp_path / "flex_attention-5.feather"
+    check_settings(table, fusion_flags(FusionSettings(bias="uniform"), 5, 10))
+    ResultWriter(table).append([dict(uuid="q1", prediction="x", answers=["x"])])
+    with pytest.raises(InputError, match="fusion_bias: 'uniform' -> 'sqrt'"):
+        check_settings(table, fusion_flags(FusionSettings(), 5, 10))

@@ -313,6 +313,15 @@ def test_few_shot_example_paraphrases_get_minus_log_n_and_the_question_its_own_b
     assert got[2].tolist() == pytest.approx([0.0, NEG, 0.0, NEG, NEG, NEG, NEG])
 
 
+def test_under_the_sqrt_bias_few_shot_example_paraphrases_get_minus_half_log_n():
+    """The default bias spreads to the examples as it does to the question; any other bias gives them -log N."""
+    sqrt = dense(FusionSettings(bias="sqrt", fewshot="fused"), [0, E1, E2, EA, 1, 2, F], [B1, B2])
+    half = -0.5 * math.log(2)
+    assert sqrt.key_bias[0, :7].tolist() == pytest.approx([0.0, half, half, 0.0, B1, B2, 0.0])
+    agreed = dense(FusionSettings(bias="agreement", fewshot="fused"), [0, E1, E2, EA, 1, 2, F], [B1, B2])
+    assert agreed.key_bias[0, :7].tolist() == pytest.approx([0.0, -math.log(2), -math.log(2), 0.0, B1, B2, 0.0])
+
+
 def test_without_isolation_paraphrases_reading_each_other_keep_plain_scores():
     mask = dense(FusionSettings(bias="uniform", isolation="none"), [0, 1, 2, F], [B1, B2])
     assert mask.prefill()["attention_mask"][0, 0].tolist() == [

@@ -159,12 +159,12 @@ def test_weighted_rules_use_each_questions_normalised_confidence(llama, rule):
 # ---------------------------------------------------------------- attention-level fusion
 
 @pytest.mark.parametrize("positions", ["left", "right", "continuous"])
-@pytest.mark.parametrize("bias", ["none", "uniform"])
+@pytest.mark.parametrize("bias", ["none", "uniform", "sqrt"])
 def test_attention_level_fusion_decodes_the_fused_row_under_the_rule(llama, positions, bias):
     model, tokenizer = llama
     settings = FusionSettings(positions=positions, bias=bias)
     rows, stats = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 3, stop(), settings)
-    biases = None if bias == "none" else [-math.log(3)] * 3
+    biases = {"none": None, "uniform": [-math.log(3)] * 3, "sqrt": [-0.5 * math.log(3)] * 3}[bias]
     for r, record in zip(rows, DATA.records):
         row = fused_row(tokenizer, DATA.prompt_parts(record, 3), positions)
         assert r["token_ids"] == fused_attention_by_rule(model, row, biases), (positions, bias)
@@ -214,8 +214,8 @@ def test_decode_fused_returns_the_rows_it_decoded(llama):
     rows, outputs, stats = decode_fused(LanguageModel(model, tokenizer, PrefixCache()), DATA, DATA.records[:1], 2,
                                         stop(), FusionSettings(positions="right"))
     assert rows == [fused_row(tokenizer, DATA.prompt_parts(DATA.records[0], 2), "right")]
-    # the default bias is uniform: -log N on every paraphrase the answer reads
-    assert outputs == [fused_attention_by_rule(model, rows[0], [-math.log(2)] * 2)] and stats.steps == STEPS - 1
+    # the default bias is sqrt: -1/2 log N on every paraphrase the answer reads
+    assert outputs == [fused_attention_by_rule(model, rows[0], [-0.5 * math.log(2)] * 2)] and stats.steps == STEPS - 1
 
 
 # ---------------------------------------------------------------- the candidates of the fusion study (issue 25)
@@ -254,7 +254,7 @@ def test_rows_beside_the_fused_row_are_combined_by_their_definition(llama, besid
     for r, record in zip(rows, DATA.records):
         row = fused_row(tokenizer, DATA.prompt_parts(record, 3))
         prompts = prompts_of(tokenizer, record, 3) if beside == "singles" else [prior_prompt(tokenizer, record)]
-        assert r["token_ids"] == beside_by_rule(model, row, prompts, beside, w, [-math.log(3)] * 3), (beside, w)
+        assert r["token_ids"] == beside_by_rule(model, row, prompts, beside, w, [-0.5 * math.log(3)] * 3), (beside, w)
         assert (r["beside"], r["beside_weight"]) == (beside, w)
         parts = DATA.prompt_parts(record, 3)
         plain = (single_rows(tokenizer, parts, [0, 1, 2]) if beside == "singles" else
@@ -319,7 +319,7 @@ def test_shares_bias_weighs_each_paraphrase_by_the_inverse_of_its_first_share(ll
     as log w; afterwards the first token's shares are more even than under the uniform bias."""
     model, tokenizer = llama
     lm = LanguageModel(model, tokenizer)
-    uniform, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings(record_attention=True))
+    uniform, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings(bias="uniform", record_attention=True))
     rows, _ = answer_fused(lm, DATA, DATA.records, 3, stop(), FusionSettings(bias="shares", record_attention=True))
     for u, r, record in zip(uniform, rows, DATA.records):
         first = u["attention_share"][0][1:4]
@@ -333,13 +333,13 @@ def test_shares_bias_weighs_each_paraphrase_by_the_inverse_of_its_first_share(ll
 
 
 def test_shares_and_agreement_biases_keep_identical_copies_equal_to_the_uniform_bias(llama, monkeypatch):
-    """N identical copies get equal shares and equal votes: both biases are then -log N, the default."""
+    """N identical copies get equal shares and equal votes: both biases are then -log N, the uniform bias."""
     import confidence
     model, tokenizer = llama
     lm = LanguageModel(model, tokenizer)
     copies = Dataset("t", "qa", [Record(r.uuid, [r.paraphrases[1]] * 3, r.answers) for r in DATA.records],
                      DATA.few_shot)
-    default, _ = answer_fused(lm, copies, copies.records, 3, stop(), FusionSettings())
+    default, _ = answer_fused(lm, copies, copies.records, 3, stop(), FusionSettings(bias="uniform"))
     shares, _ = answer_fused(lm, copies, copies.records, 3, stop(), FusionSettings(bias="shares"))
     votes = confidence.agreements(lm, copies, copies.records, 3, stop())
     weights = {u: normalised_weights(v) for u, v in votes.values.items()}

@@ -318,6 +318,20 @@ def test_vote_row_normalises_follows_paraphrase_indices_and_costs(tmp_path):
     assert not vote.rows["exact"].any()
 
 
+def test_a_vote_needs_every_single_answer_it_votes_over(tmp_path):
+    """per_prompt holds 3 single answers of q1 and 2 of q2: the vote at N=3 is q1's only, and no vote at N=4 is
+    made from 3 (nor a per-prompt mean or oracle beside those rows)."""
+    answers = {"q1": ["Paris"], "q2": ["Rome"]}
+    _pp(answers, {"q1": ["Paris", "Paris", "Lyon"], "q2": ["Rome", "Rome"]}).to_feather(tmp_path / "per_prompt.feather")
+    _ensemble("avg", 3, answers, {"q1": "Paris", "q2": "Rome"}).to_feather(tmp_path / "ensemble_avg-3.feather")
+    _ensemble("max", 4, answers, {"q1": "Paris", "q2": "Rome"}).to_feather(tmp_path / "ensemble_max-4.feather")
+    analysis = evaluate.analyse(tmp_path)
+    votes = {g.n: g for g in analysis.groups if g.label == "vote"}
+    assert set(votes) == {3} and votes[3].rows["uuid"].tolist() == ["q1"]
+    four = next(g for g in analysis.groups if g.label == "max")
+    assert four.singles.empty and four.stats.empty
+
+
 def _gain_dir(tmp_path):
     """3 paraphrases, partial scores by hand. singles right: q1 none, q2 one, q3 two, q4 one; the ensemble is
     right on q1 (new), q2 (kept), wrong on q3 (lost: 2 of 3 right) and q4 (neither)."""
@@ -400,7 +414,7 @@ def test_report_csv_holds_numbers(results_dir):
 
 
 def test_short_labels_and_label_map(tmp_path):
-    settings = dict(positions="right", attn_backend="flex", fusion_bias="uniform", fusion_temperature=0.7,
+    settings = dict(positions="right", attn_backend="flex", fusion_bias="sqrt", fusion_temperature=0.7,
                     fewshot_format="single")
     df = pd.DataFrame([{"method": "flex_attention", **settings}, {"method": "flex_attention", **settings,
                        "positions": "left", "fusion_temperature": 1.0, "fewshot_format": "fused"},
@@ -413,7 +427,7 @@ def test_short_labels_and_label_map(tmp_path):
         tmp_path / "flex_attention-3-right-t0.7.feather")
     assert evaluate.main(["--results-dir", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
-    assert "| flex[right,t0.7] | flex_attention | right | uniform | 0.7 | single | flex | first N | 3 |" in md
+    assert "| flex[right,t0.7] | flex_attention | right | sqrt | 0.7 | single | flex | first N | 3 |" in md
 
 
 def _figure(tmp_path, ns):
@@ -520,14 +534,17 @@ def test_every_fusion_setting_that_differs_from_the_defaults_is_in_its_label(tmp
     d = tmp_path / "results"
     d.mkdir()
     _table("flex_attention", 3, ["q1", "q2"], ["Paris", "x"], [1.0, 1.0], [3, 3],
-           positions="left", fusion_bias="uniform").to_feather(d / "flex_attention-3.feather")
+           positions="left", fusion_bias="sqrt").to_feather(d / "flex_attention-3.feather")
     _table("flex_attention", 3, ["q1", "q2"], ["x", "x"], [1.0, 1.0], [3, 3], positions="left",
-           fusion_bias="uniform", isolation="none").to_feather(d / "flex_attention-3-isolation_none.feather")
+           fusion_bias="sqrt", isolation="none").to_feather(d / "flex_attention-3-isolation_none.feather")
     _table("flex_attention", 3, ["q1", "q2"], ["Paris", "Jamaican English"], [1.0, 1.0], [3, 3],
            positions="left", fusion_bias="agreement", beside="singles",
            beside_weight=0.5).to_feather(d / "flex_attention-3-bias_agreement-beside_singles_w0.5.feather")
+    _table("flex_attention", 3, ["q1", "q2"], ["x", "x"], [1.0, 1.0], [3, 3], positions="left",
+           fusion_bias="uniform").to_feather(d / "flex_attention-3-bias_uniform.feather")  # the default until sqrt
     report = evaluate.build_report(d)[0].set_index("method")
-    assert set(report.index) == {"flex_attention", "flex[isolation_none]", "flex[bias_agreement,beside_singles,w0.5]"}
+    assert set(report.index) == {"flex_attention", "flex[isolation_none]", "flex[bias_agreement,beside_singles,w0.5]",
+                                 "flex[bias_uniform]"}
     assert report.loc["flex[bias_agreement,beside_singles,w0.5]", "exact"] == pytest.approx(1.0)
     assert report.loc["flex[isolation_none]", "exact"] == pytest.approx(0.0)
 

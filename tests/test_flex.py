@@ -15,7 +15,7 @@ from functools import partial
 from decoding import LanguageModel, StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left, prefill
 from fusion import FusionSettings
 from methods import answer_fused as answer_fused_with_stats
-from segment_mask import FLEX_ATTENTION, FUSED_SEGMENT, SegmentMask, build_dense_mask, segment_mask_mod
+from segment_mask import FLEX_ATTENTION, FUSED_SEGMENT, SegmentMask, build_dense_mask, segment_biases, segment_mask_mod
 
 MAX_NEW = 6
 
@@ -124,7 +124,7 @@ def test_cached_decoding_equals_full_recompute(tiny, small_dataset, positions, t
 def test_identical_copies_equal_the_single_prompt(tiny, positions):
     """With the -log N bias, N copies of one paraphrase fused are that paraphrase alone: same logits
     (1e-4) at every step, same tokens. Without the bias they are not: the question would get N times
-    the attention weight of the instruction."""
+    the attention weight of the instruction; nor with the default sqrt bias (sqrt N times)."""
     model, tokenizer = tiny
     question = "who painted the mona lisa?"
     copies = Dataset("t", "qa", [Record("c", [question] * 4, ["Leonardo"])], [("2+2?", "4")])
@@ -133,8 +133,11 @@ def test_identical_copies_equal_the_single_prompt(tiny, positions):
     _, alone, _ = fused_prefill(model, [single_row])
     _, biased, _ = fused_prefill(model, [fused], "sdpa", torch.full((1, 4), -math.log(4)))
     _, unbiased, _ = fused_prefill(model, [fused], "sdpa")
+    sqrt = torch.tensor([segment_biases(4, FusionSettings().bias)])
+    _, default, _ = fused_prefill(model, [fused], "sdpa", sqrt)
     assert (biased[0, -1] - alone[0, -1]).abs().max() <= 1e-4
     assert (unbiased[0, -1] - alone[0, -1]).abs().max() > 1e-3
+    assert (default[0, -1] - alone[0, -1]).abs().max() > 1e-3  # the default (sqrt) breaks it: --fusion-bias uniform
     out = answer_fused(model, tokenizer, copies, copies.records, 4, no_stop(), positions=positions,
                        bias="uniform")[0]
     assert out["token_ids"] == generate_reference(model, tokenizer, single_row.input_ids, MAX_NEW)
@@ -268,7 +271,7 @@ def test_fused_fewshot_identical_copies_equal_the_single_prompt(tiny):
     fused = fused_row(tokenizer, copies.prompt_parts(copies.records[0], 3, "fused"))
     _, alone, _ = fused_prefill(model, [single_row])
     ids, pos, seg = pad_left([fused], 0, model.device)
-    mask = SegmentMask(seg, MAX_NEW, FusionSettings(), torch.full((1, 3), -math.log(3)))  # examples: -log 3 too
+    mask = SegmentMask(seg, MAX_NEW, FusionSettings(bias="uniform"), torch.full((1, 3), -math.log(3)))  # examples too
     with mask.attention(model):
         biased, _ = prefill(model, ids, pos, mask.prefill())
     assert (biased[0, -1] - alone[0, -1]).abs().max() <= 1e-4

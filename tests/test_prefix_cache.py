@@ -13,7 +13,7 @@ from conftest import FEW_SHOT, QUESTIONS, cached_tiny
 from dataset import Dataset, Record
 from decoding import LanguageModel, StopRule, decode, fused_row, single_rows
 from fusion import FusionSettings
-from segment_mask import SegmentMask
+from segment_mask import SegmentMask, segment_biases
 
 MAX_NEW = 5
 EXTRA = [Record("q4", ["a much longer question about the history of the roman empire and its fall?", "why did rome fall?",
@@ -94,6 +94,60 @@ def test_fused_rows_same_with_and_without_prefix_reuse(family, positions, backen
         rec = Recorder()
         return decode(lm, rows, 1, rec, stop, renderer)[0], rec
     assert_same(*both_ways(model, tokenizer, run))
+
+
+SHOT_PARAPHRASES = [["what color is the sky?", "the sky is what color?", "which color does the sky have?"],
+                    ["how many legs does a cat have?", "a cat has how many legs?"]]  # the second one cycled
+
+
+def fused_fewshot_rows(tokenizer, positions: str):
+    ds = Dataset("t", "qa", [*QUESTIONS, *EXTRA], FEW_SHOT, SHOT_PARAPHRASES)
+    return [fused_row(tokenizer, ds.prompt_parts(r, 3, "fused"), positions) for r in ds.records]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("positions, backend, temperature, bias, isolation", [
+    ("left", "sdpa", 1.0, "sqrt", "full"), ("right", "sdpa", 0.5, "uniform", "full"),
+    ("continuous", "sdpa", 1.0, "none", "none"), ("left", "flex", 1.0, "sqrt", "full"),
+    ("right", "flex", 0.5, "uniform", "full")])
+def test_fused_fewshot_examples_are_encoded_once_and_change_nothing(family, positions, backend, temperature, bias,
+                                                                    isolation):
+    """--fewshot-format fused: the examples' paraphrase segments are part of the shared prefix, encoded once under
+    the rows' own mask (their bias, 1/T, isolation); with and without the reuse the same tokens and logits."""
+    model, tokenizer = cached_tiny(family)
+    rows = fused_fewshot_rows(tokenizer, positions)
+    settings = FusionSettings(positions=positions, backend=backend, temperature=temperature, bias=bias,
+                              fewshot="fused", isolation=isolation)
+    biases = None if bias == "none" else torch.tensor([segment_biases(3, bias)] * len(rows))
+    renderer = partial(SegmentMask, settings=settings, biases=biases)
+    stop = early_stop(model, tokenizer, rows, 1, renderer)
+
+    def run(lm):
+        rec = Recorder()
+        return decode(lm, rows, 1, rec, stop, renderer)[0], rec
+    assert_same(*both_ways(model, tokenizer, run))
+    lm = LanguageModel(model, tokenizer)
+    _, first = decode(lm, rows, 1, Recorder(), stop, renderer)
+    _, again = decode(lm, rows, 1, Recorder(), stop, renderer)
+    question = min(rows[0].segment_ids.index(1), *(r.segment_ids.index(1) for r in rows))
+    assert len(next(iter(lm.prefix_cache.entries))[0]) == question  # every example, up to the question
+    assert first.prefill_tokens - again.prefill_tokens == question
+
+
+def test_the_examples_prefix_is_not_shared_between_biases():
+    """The examples' bias (-log N, or -1/2 log N under sqrt) is in their KV: another bias encodes them again."""
+    model, tokenizer = cached_tiny("llama")
+    rows = fused_fewshot_rows(tokenizer, "left")
+    stop = StopRule(set(), 2, first_line_only=False)
+    lm = LanguageModel(model, tokenizer)
+    tokens = []
+    for bias in ("uniform", "uniform", "sqrt", "sqrt", "uniform"):
+        renderer = partial(SegmentMask, settings=FusionSettings(bias=bias, fewshot="fused"),
+                           biases=torch.tensor([segment_biases(3, bias)] * len(rows)))
+        tokens.append(decode(lm, rows, 1, Recorder(), stop, renderer)[1].prefill_tokens)
+    computed, reused = tokens[0], tokens[1]
+    assert computed - reused == rows[0].segment_ids.index(1)  # the examples, once
+    assert tokens == [computed, reused, computed, reused, computed]  # one entry at a time: a new bias recomputes
 
 
 def test_prefix_is_computed_once_per_run_and_rebuilt_for_another_format():

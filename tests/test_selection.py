@@ -72,7 +72,9 @@ def test_table_names_are_upstreams():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_with_repeat_paras_every_default_method_is_the_repeated_single_prompt(family):
+def test_with_repeat_paras_logit_methods_and_uniform_fusion_are_the_repeated_single_prompt(family):
+    """The repeat control: N copies of one paraphrase. Logit avg/max and fusion under the uniform bias give that
+    prompt alone; the default sqrt bias gives the copies sqrt N the weight of one, by design (docs/study.md)."""
     model, tokenizer = cached_tiny(family)
     lm = LanguageModel(model, tokenizer)
     records = [Record("q1", ["what is the capital of france?", "which city is france's capital?", "capital?"], ["Paris"]),
@@ -86,7 +88,7 @@ def test_with_repeat_paras_every_default_method_is_the_repeated_single_prompt(fa
     for method in ("avg", "avg_prob", "max"):
         for row in answer_ensemble(lm, ds, sampled, 3, stop, method)[0]:
             assert row["token_ids"] == single[(row["uuid"], row["paraphrase_indices"][0])], method
-    for row in answer_fused(lm, ds, sampled, 3, stop, FusionSettings())[0]:
+    for row in answer_fused(lm, ds, sampled, 3, stop, FusionSettings(bias="uniform"))[0]:
         assert row["token_ids"] == single[(row["uuid"], row["paraphrase_indices"][0])]
 
 

@@ -11,7 +11,7 @@ Methods, all greedy, all decoding exactly --max-new-tokens tokens (EOS ignored, 
                           log-softmax averaged over the N paraphrases (methods.fuse_logits "avg")
   logit_avg           (3) ours, logit level: methods.answer_ensemble (N rows, batched, KV cache)
   attn_sdpa           (4) ours, attention level: methods.answer_fused with FusionSettings() (left positions,
-                          -log N bias), dense SDPA mask
+                          the default sqrt bias), dense SDPA mask
   attn_flex               the same with FlexAttention, eager (unfused on CPU): FusionSettings(backend="flex")
   attn_flex_compiled      the same under torch.compile: FusionSettings(backend="flex", compile=True)
 plus ours with the shared prefix encoded in every batch (…_noprefix: a LanguageModel with prefix_cache=None),

@@ -354,9 +354,9 @@ def singles(rows: pd.DataFrame, per_prompt: pd.DataFrame, n: int) -> pd.DataFram
     keep = ["uuid", "paraphrase_index", *(c for c in SINGLE_COLUMNS if c in per_prompt.columns)]
     table = per_prompt[keep].drop_duplicates(["uuid", "paraphrase_index"])
     lines = picks.merge(table, on=["uuid", "paraphrase_index"])
-    complete = lines.groupby("row")["pos"].transform("size") == picks.groupby("row")["pos"].size().reindex(
-        lines["row"]).to_numpy()
-    return lines[complete].sort_values(["row", "pos"]).reset_index(drop=True)
+    found, wanted = lines.groupby("row").size(), picks.groupby("row").size()
+    complete = found.index[found == wanted[found.index]]
+    return lines[lines["row"].isin(complete)].sort_values(["row", "pos"]).reset_index(drop=True)
 
 
 def vote_position(keys: Sequence[str]) -> int:

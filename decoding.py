@@ -148,8 +148,12 @@ def pad_left(rows: list[Row], pad_id: int, device: torch.device, after: int = 0
 
 class MaskRenderer(Protocol):
     """Gives the attention_mask argument (and extra forward kwargs) for the prefill and each step, and
-    the attention implementation it is rendered for (a context manager around one decode)."""
-    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> None: ...
+    the attention implementation it is rendered for (a context manager around one decode). keeps_all_keys:
+    its masks apply sliding windows themselves, so the KV cache must keep every key (a sliding layer of
+    transformers' own cache keeps only its window, counted in slots of the row)."""
+    keeps_all_keys: bool
+    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None,
+                 **kwargs) -> None: ...
     def attention(self, model) -> ContextManager: ...
     def prefill(self, cached: int = 0) -> dict: ...
     def step(self) -> dict: ...
@@ -157,9 +161,11 @@ class MaskRenderer(Protocol):
 
 
 class PaddingMask:
-    """The plain causal mask with left padding, built by transformers from a 2D mask."""
+    """The plain causal mask with left padding, built by transformers from a 2D mask (its sliding windows
+    counted in slots of the row: padding inside a row would move them, see `prefill_rows`)."""
+    keeps_all_keys = False
 
-    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int):
+    def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None):
         self.mask = (segment_ids != PAD_SEGMENT).long()
 
     def attention(self, model) -> ContextManager:
@@ -234,12 +240,18 @@ class Sampler:
         return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(logits.device)
 
 
+def new_cache(model, keep_all_keys: bool, layers: list | None = None) -> DynamicCache:
+    """A KV cache (holding `layers`' keys and values, if given): transformers' own for the model (a
+    sliding-window layer keeps its window), or, keep_all_keys, one that keeps every key of every layer."""
+    return DynamicCache(ddp_cache_data=layers, config=None if keep_all_keys else model.config)
+
+
 @torch.inference_mode()
 def prefill(model, ids: torch.Tensor, pos: torch.Tensor, mask: dict, logits_to_keep: int = 1,
             cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
-    """Run prompt rows [R, L] into a KV cache (empty, or holding the tokens before them) under `mask`
-    (a renderer's forward kwargs): (logits, cache)."""
-    cache = cache if cache is not None else DynamicCache(config=model.config)
+    """Run prompt rows [R, L] into a KV cache (empty - transformers' own for the model - or holding the
+    tokens before them) under `mask` (a renderer's forward kwargs): (logits, cache)."""
+    cache = cache if cache is not None else new_cache(model, keep_all_keys=False)
     before = cache.get_seq_length()
     logits = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
                    **mask).logits
@@ -276,22 +288,24 @@ class PrefixCache:
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def batch(self, model, ids: torch.Tensor, pos: torch.Tensor, rows: int,
-              mask: SegmentMask | None = None) -> tuple[DynamicCache, int]:
-        """A KV cache holding the prefix for `rows` rows, and how many tokens had to be computed (0 on reuse).
-        A plain prefix is encoded causally; one with fused few-shot examples under `mask`, the rows' own."""
-        rule = mask.prefix_key(len(ids)) if mask is not None else ("causal",)
+    def batch(self, model, ids: torch.Tensor, pos: torch.Tensor, rows: int, mask: MaskRenderer,
+              examples: bool = False) -> tuple[DynamicCache, int]:
+        """A KV cache of the kind `mask` needs holding the prefix for `rows` rows, and how many tokens had to
+        be computed (0 on reuse). A plain prefix is encoded causally; one with fused few-shot examples
+        (`examples`) under `mask`, the rows' own. Every key is kept, whatever the cache it goes into."""
+        rule = mask.prefix_key(len(ids)) if examples else ("causal",)
         key = (tuple(ids.tolist()), tuple(pos.tolist()), rule, model.dtype, str(ids.device), weights_version(model))
         computed = 0
         if key not in self.entries:
             self.entries = {}  # one prompt format at a time: a new one replaces the old
-            mask = mask.first_row() if mask is not None else PaddingMask(torch.zeros_like(ids)[None], 0)
-            with mask.attention(model):  # the prefix sees only itself (an example: the prefix and its block)
-                _, cache = prefill(model, ids[None], pos[None], mask.prefix(len(ids)))
+            encoder = mask.first_row() if examples else PaddingMask(torch.zeros_like(ids)[None], 0)
+            with encoder.attention(model):  # the prefix sees only itself (an example: the prefix and its block)
+                _, cache = prefill(model, ids[None], pos[None], encoder.prefix(len(ids)),
+                                   cache=new_cache(model, keep_all_keys=True))
             self.entries[key] = [(layer.keys, layer.values) for layer in cache.layers]
             computed = len(ids)
         layers = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.entries[key]]
-        return DynamicCache(ddp_cache_data=layers, config=model.config), computed
+        return new_cache(model, mask.keeps_all_keys, layers), computed
 
 
 def weights_version(model) -> int:
@@ -339,18 +353,27 @@ def prefill_rows(lm: LanguageModel, rows: list[Row], n: int, renderer: Renderer,
     """The prompt rows (n per question) into a KV cache, the shared prefix taken from the model's prefix
     cache: the last prompt token's logits [R, V] and the live rows."""
     shared = shared_prefix_length(rows) if lm.prefix_cache is not None else 0
+    if shared and getattr(renderer, "keeps_all_keys", True) is False and reaches_window(lm.model, rows, max_new_tokens):
+        shared = 0  # transformers' windows count slots: padding between prefix and question would move them
     ids, pos, seg = pad_left(rows, lm.tokenizer.pad_token_id, lm.device, after=shared)
-    mask = renderer(seg, max_new_tokens)
+    mask = renderer(seg, max_new_tokens, positions=pos)
     stats.prefill_tokens += ids[:, shared:].numel()
-    cache = None
+    cache = new_cache(lm.model, mask.keeps_all_keys)
     if shared:
         examples = any(s != PREFIX_SEGMENT for s in rows[0].segment_ids[:shared])  # --fewshot-format fused
-        cache, computed = lm.prefix_cache.batch(lm.model, ids[0, :shared], pos[0, :shared], len(rows),
-                                                mask if examples else None)
+        cache, computed = lm.prefix_cache.batch(lm.model, ids[0, :shared], pos[0, :shared], len(rows), mask,
+                                                examples)
         stats.prefill_tokens += computed
     with mask.attention(lm.model):
         logits, cache = prefill(lm.model, ids[:, shared:], pos[:, shared:], mask.prefill(shared), cache=cache)
     return logits[:, -1], LiveRows(cache, mask, pos[:, -1] + 1, torch.arange(len(rows) // n, device=lm.device))
+
+
+def reaches_window(model, rows: list[Row], max_new_tokens: int) -> bool:
+    """Whether a row with its answer could be longer than the model's smallest sliding window."""
+    from models import attention_windows
+    windows = [w for w in attention_windows(model.config).values() if w]
+    return bool(windows) and max(len(r.input_ids) for r in rows) + max_new_tokens > min(windows)
 
 
 def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,

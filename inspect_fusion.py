@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from decoding import PaddingMask, Row, greedy, pad_left, prefill
+from decoding import PaddingMask, Row, greedy, new_cache, pad_left, prefill
 from fusion import FusionSettings
 from segment_mask import FUSED_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, SegmentMask, allowed_matrix, segment_name
 
@@ -39,9 +39,9 @@ def segments_of(segment_ids: list[int]) -> list[Segment]:
 def fused_prefill(model, row: Row, settings: FusionSettings):
     """The fused layout run once through the model with the project's mask; the filled KV cache."""
     ids, pos, seg = pad_left([row], 0, model.device)
-    mask = SegmentMask(seg, 0, replace(settings, record_attention=False), dtype=model.dtype)
+    mask = SegmentMask(seg, 0, replace(settings, record_attention=False), dtype=model.dtype, positions=pos)
     with mask.attention(model):
-        return prefill(model, ids, pos, mask.prefill())[1]
+        return prefill(model, ids, pos, mask.prefill(), cache=new_cache(model, keep_all_keys=True))[1]
 
 
 def plain_prefill(model, row: Row):
@@ -50,7 +50,7 @@ def plain_prefill(model, row: Row):
     pos = torch.tensor([row.position_ids], device=model.device)
     mask = PaddingMask(torch.zeros_like(ids), 0)
     with mask.attention(model):
-        return prefill(model, ids, pos, mask.prefill())[1]
+        return prefill(model, ids, pos, mask.prefill(), cache=new_cache(model, keep_all_keys=True))[1]
 
 
 def take(row: Row, index: list[int]) -> Row:

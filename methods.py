@@ -161,8 +161,10 @@ def decode_fused_shares(lm: LanguageModel, dataset: Dataset, batch: list[Record]
     if biases is not None and per_question > 1:  # the plain rows beside get none
         biases = torch.cat([biases[:, None], biases.new_zeros(len(batch), per_question - 1, n)], 1).flatten(0, 1)
 
-    def renderer(segment_ids: torch.Tensor, max_new_tokens: int) -> SegmentMask:  # kept: its shares are returned
-        masks.append(SegmentMask(segment_ids, max_new_tokens, settings, biases, lm.model.dtype, paraphrases=n))
+    def renderer(segment_ids: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None
+                 ) -> SegmentMask:  # kept: its shares are returned
+        masks.append(SegmentMask(segment_ids, max_new_tokens, settings, biases, lm.model.dtype, paraphrases=n,
+                                 positions=positions))
         return masks[-1]
 
     def choose_fused(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

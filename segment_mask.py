@@ -160,6 +160,19 @@ def segment_mask_mod(segment_ids: torch.Tensor, q_offset: torch.Tensor, isolatio
     return or_masks(and_masks(causal, key_not_padding, visible), self_token)
 
 
+def window_mask_mod(positions: torch.Tensor, q_offset: torch.Tensor, window: int) -> MaskMod:
+    """A sliding-window layer's rule, from position ids [B, T] (T as segment_mask_mod's): transformers'
+    `sliding_window_overlay` (a key less than `window` back) measured in positions, not in slots of the row, so
+    that each paraphrase reads the prefix as it would alone and padding in between moves nothing."""
+    row_len = torch.tensor(positions.shape[1], device=positions.device)  # tensors: see `lookup`
+    flat, width = positions.flatten(), torch.tensor(window, device=positions.device)
+
+    def within_window(b, h, q_idx, kv_idx):
+        """A query sees only the keys less than `window` positions before it."""
+        return lookup(flat, b * row_len + q_idx + q_offset) - lookup(flat, b * row_len + kv_idx) < width
+    return within_window
+
+
 def fused_key_score(score: torch.Tensor, q_seg: torch.Tensor, kv_seg: torch.Tensor, kv_scale: torch.Tensor,
                     kv_bias: torch.Tensor) -> torch.Tensor:
     """A query's score on a paraphrase key of another segment (the answer reading the paraphrases): scaled
@@ -303,6 +316,17 @@ def dense_fused_attention(module, query, key, value, attention_mask, scaling=Non
     return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), None
 
 
+def layer_type(module) -> str | None:
+    """The layer type (full_attention, sliding_attention) of an attention module, where its config names them."""
+    types = getattr(module.config, "layer_types", None)
+    return types[module.layer_idx] if types else None
+
+
+def each_mask(value, fn: Callable):
+    """fn on a rendered mask, or on each layer type's mask of a {layer type: mask} dict."""
+    return {kind: fn(mask) for kind, mask in value.items()} if isinstance(value, dict) else fn(value)
+
+
 ATTENTION_FUNCTIONS = {FLEX_ATTENTION: fused_flex_attention, DENSE_ATTENTION: dense_fused_attention}
 RECORDING = "_recording"  # appended to an implementation's name: the same attention, recording attention shares
 
@@ -313,7 +337,7 @@ def recording(attend: Callable) -> Callable:
     def recorded(module, query, key, value, attention_mask, attention_shares=None, **kwargs):
         if attention_shares is None:  # never leave a token unrecorded without a word
             raise RuntimeError("a recording attention implementation needs `attention_shares` from SegmentMask")
-        attention_shares.add(query, key, kwargs.get("scaling"))
+        attention_shares.add(query, key, kwargs.get("scaling"), layer_type(module))
         return attend(module, query, key, value, attention_mask, **kwargs)
     return recorded
 
@@ -380,12 +404,13 @@ class AttentionShares:
         self.flush()
         self.rule = rule
 
-    def add(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
-        """One layer: the last query's probabilities over the keys [B, H, Q, D] x [B, H_kv, K, D], summed per
-        column and averaged over heads."""
+    def add(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None, kind: str | None = None) -> None:
+        """One layer (of layer type `kind`): the last query's probabilities over the keys [B, H, Q, D] x
+        [B, H_kv, K, D], summed per column and averaged over heads."""
         q = query[:, :, -1:].float()
         k = key.float().repeat_interleave(q.shape[1] // key.shape[1], dim=1)
-        rule = {name: t.to(q.device) for name, t in self.rule.items()}  # layers may sit on several devices
+        rule = {name: (t[kind] if isinstance(t, dict) else t).to(q.device)  # layers may sit on several devices
+                for name, t in self.rule.items()}
         scores = (q @ k.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5)
         probs = torch.softmax(scores * rule.get("fusion_scale", 1.0) + rule["attention_mask"], dim=-1)
         share = torch.einsum("bk,bkc->bc", probs.mean(1)[:, 0], self.columns[:, :k.shape[2]].to(q.device))
@@ -429,11 +454,14 @@ class SegmentMask:
     keys are divided by settings.temperature; settings.isolation none lets the paraphrases see each other;
     settings.record_attention keeps each generated token's `AttentionShares` over `paraphrases` (N; default:
     the largest question paraphrase segment id). `compile_backend` other than inductor is for tests that
-    count compiles."""
+    count compiles. positions [B, L]: the rows' position ids, which a model with sliding-window layers needs
+    (`attention(model)` reads its layer types: each type gets its own mask, the window measured in positions)."""
+    keeps_all_keys = True  # the windows are in the masks: a key out of one layer's window is in another's
 
     def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, settings: "FusionSettings",
                  biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 compile_backend: str | Callable = "inductor", paraphrases: int | None = None):
+                 compile_backend: str | Callable = "inductor", paraphrases: int | None = None,
+                 positions: torch.Tensor | None = None):
         rows, self.length = segment_ids.shape
         self.total = self.length + max_new_tokens
         # generated tokens are fused; then padding up to a whole block past the end, because
@@ -441,6 +469,9 @@ class SegmentMask:
         width = -(-(self.total + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
         self.segment_ids = torch.cat([segment_ids, segment_ids.new_full((rows, max_new_tokens), FUSED_SEGMENT),
                                       segment_ids.new_full((rows, width - self.total), PAD_SEGMENT)], dim=1)
+        self.positions = None if positions is None else torch.cat(  # generated tokens follow the last position
+            [positions, positions[:, -1:] + torch.arange(1, width - self.length + 1, device=positions.device)], dim=1)
+        self.windows: dict[str, int | None] = {"full_attention": None}  # layer type -> window, from attention()
         example_bias = segment_biases(biases.shape[1], "sqrt" if settings.bias == "sqrt" else "uniform")[0] \
             if biases is not None else 0.0
         self.key_bias = self.token_bias(biases, example_bias) if biases is not None else None
@@ -465,12 +496,30 @@ class SegmentMask:
         return torch.where(question, own, torch.where(paraphrase_tokens(seg), example_bias, 0.0))
 
     def attention(self, model):
-        """The attention implementation this mask is rendered for, for the length of one decode."""
+        """The attention implementation this mask is rendered for, for the length of one decode; the model's
+        layer types decide the masks rendered (one per type)."""
+        from models import attention_windows
+        windows = attention_windows(model.config)
+        if any(windows.values()) and self.positions is None:  # never a sliding layer read as a full one
+            raise RuntimeError("a model with sliding-window layers needs the rows' positions in SegmentMask")
+        if windows != self.windows:
+            self.windows, self.full = windows, None
         name = {"flex": FLEX_ATTENTION, "sdpa": DENSE_ATTENTION if self.key_scale is not None else "sdpa"}
         return attention_implementation(model, name[self.backend] + (RECORDING if self.shares is not None else ""))
 
-    def mask_mod(self, offset: torch.Tensor) -> MaskMod:
-        return segment_mask_mod(self.segment_ids, offset, self.isolation)
+    def mask_mod(self, offset: torch.Tensor, window: int | None = None) -> MaskMod:
+        """The segment rule; on a sliding-window layer (`window`) composed with the window's."""
+        rule = segment_mask_mod(self.segment_ids, offset, self.isolation)
+        if window is None:
+            return rule
+        from torch.nn.attention.flex_attention import and_masks
+        return and_masks(rule, window_mask_mod(self.positions, offset, window))
+
+    def per_layer_type(self, render_one: Callable):
+        """render_one(layer type, window) for each layer type of the model: the one mask when all layers are alike (what
+        every model takes), else {layer type: mask} (what models with mixed layers, Gemma 3's, take)."""
+        masks = {kind: render_one(kind, window) for kind, window in self.windows.items()}
+        return next(iter(masks.values())) if len(masks) == 1 else masks
 
     def render(self, q_offset: int, q_len: int, kv_len: int) -> dict:
         """The forward kwargs for queries [q_offset, q_offset + q_len) over keys [0, kv_len)."""
@@ -478,15 +527,17 @@ class SegmentMask:
             return self.render_dense(q_offset, q_len, kv_len, self.dtype)
         seg = self.segment_ids
         offset = torch.tensor(q_offset, device=seg.device)  # a tensor, so compiled flex does not recompile
-        return {"attention_mask": build_block_mask(self.mask_mod(offset), len(seg), q_len, kv_len, seg.device),
-                "fusion_score_mod": self.score_mod(offset), "flex_fn": self.flex_fn}
+        masks = self.per_layer_type(lambda _, window: build_block_mask(self.mask_mod(offset, window), len(seg), q_len,
+                                                                    kv_len, seg.device))
+        return {"attention_mask": masks, "fusion_score_mod": self.score_mod(offset), "flex_fn": self.flex_fn}
 
     def render_dense(self, q_offset: int, q_len: int, kv_len: int, dtype: torch.dtype) -> dict:
         """The dense rendering: the additive mask with the bias, and the 1/T factors when there is a temperature."""
         seg = self.segment_ids
-        mask_mod = self.mask_mod(torch.tensor(q_offset, device=seg.device))
-        out = {"attention_mask": build_dense_mask(mask_mod, len(seg), q_len, kv_len, seg.device, dtype,
-                                                  self.score_ids, self.key_bias, q_offset)}
+        offset = torch.tensor(q_offset, device=seg.device)
+        out = {"attention_mask": self.per_layer_type(lambda _, window: build_dense_mask(
+            self.mask_mod(offset, window), len(seg), q_len, kv_len, seg.device, dtype, self.score_ids, self.key_bias,
+            q_offset))}
         if self.key_scale is not None:
             out["fusion_scale"] = dense_score_scale(self.score_ids, self.key_scale, q_offset, q_len, kv_len)
         return out
@@ -525,7 +576,8 @@ class SegmentMask:
         (the examples' bias, 1/T), isolation and backend."""
         def first(values: torch.Tensor | None) -> tuple | None:
             return None if values is None else tuple(values[0, :length].tolist())
-        return first(self.segment_ids), first(self.key_bias), first(self.key_scale), self.isolation, self.backend
+        return (first(self.segment_ids), first(self.key_bias), first(self.key_scale), self.isolation, self.backend,
+                tuple(self.windows.items()))
 
     def step(self) -> dict:
         """The next generated token's query row, sliced from the whole decode's mask."""
@@ -534,18 +586,28 @@ class SegmentMask:
             self.full = self.render(0, self.total, self.total)
         q = self.length - 1
         if self.backend == "sdpa":
-            return self.recorded({name: full[:, :, q:q + 1, :self.length] for name, full in self.full.items()}, q)
-        block = self.full["attention_mask"][:, :, q // BLOCK_SIZE:q // BLOCK_SIZE + 1]
+            return self.recorded({name: each_mask(full, lambda m: m[:, :, q:q + 1, :self.length])
+                                  for name, full in self.full.items()}, q)
+        offset = torch.tensor(q, device=self.segment_ids.device)
+        full = self.full["attention_mask"]
+        blocks = self.per_layer_type(lambda kind, window: self.query_block(
+            full[kind] if isinstance(full, dict) else full, q, offset, window))
+        return self.recorded({**self.full, "attention_mask": blocks, "fusion_score_mod": self.score_mod(offset)}, q)
+
+    def query_block(self, full, q: int, offset: torch.Tensor, window: int | None):
+        """Query q's block row of the whole decode's BlockMask, its partial blocks read through q's own rule."""
+        block = full[:, :, q // BLOCK_SIZE:q // BLOCK_SIZE + 1]
         for name in BLOCK_MASK_TENSORS:  # views of the full mask: copied, so compiled flex sees the same strides
             if getattr(block, name) is not None:
                 setattr(block, name, getattr(block, name).contiguous())
-        offset = torch.tensor(q, device=self.segment_ids.device)
-        block.mask_mod = self.mask_mod(offset)  # partial blocks: this query's row
+        block.mask_mod = self.mask_mod(offset, window)  # partial blocks: this query's row
         block.seq_lengths = (1, self.length)
-        return self.recorded({**self.full, "attention_mask": block, "fusion_score_mod": self.score_mod(offset)}, q)
+        return block
 
     def select(self, rows: torch.Tensor) -> None:
         self.segment_ids = self.segment_ids[rows]
+        if self.positions is not None:
+            self.positions = self.positions[rows]
         self.score_ids = score_segments(self.segment_ids, self.isolation)  # the same tensor with full isolation
         if self.shares is not None:
             self.shares.select(rows)
@@ -554,7 +616,7 @@ class SegmentMask:
         if self.key_scale is not None:
             self.key_scale = self.key_scale[rows]
         if self.full is not None:
-            self.full = {name: value[rows] if hasattr(value, "__getitem__") else value
+            self.full = {name: each_mask(value, lambda m: m[rows]) if hasattr(value, "__getitem__") else value
                          for name, value in self.full.items()}
 
 

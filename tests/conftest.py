@@ -21,9 +21,10 @@ def cached_tiny(family: str):
     return tiny_model(family)
 
 
-@pytest.fixture(params=["llama", "qwen2"])
+@pytest.fixture(params=["llama", "qwen2", "gemma3"])
 def tiny(request):
-    """(model, tokenizer) of each family: Llama adds a BOS, Qwen2 does not; both use GQA."""
+    """(model, tokenizer) of each family: Llama and Gemma 3 add a BOS, Qwen2 does not; all use GQA; Gemma 3
+    interleaves sliding-window layers (a 16-token window: every prompt here runs past it) with full ones."""
     return cached_tiny(request.param)
 
 

@@ -5,13 +5,14 @@ pictures the tools print, the score changes (bias, 1/T) written out cell by cell
 decode-step rows, the attention shares and the attention functions against attention computed by hand."""
 from __future__ import annotations
 
+import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import segment_mask as sm
+from conftest import cached_tiny
 from fusion import FusionSettings
 from segment_mask import (DENSE_ATTENTION, FLEX_ATTENTION, FUSED_SEGMENT, PAD_SEGMENT, RECORDING, SHOT_ANSWER,
                           SHOT_STRIDE, AttentionShares, SegmentMask, allowed_matrix, draw_mask, mask_legend)
@@ -361,7 +362,8 @@ def test_the_attention_implementation_each_setting_needs():
 
     class Model:
         def __init__(self):
-            self.config = SimpleNamespace(_attn_implementation="eager")
+            self.config = copy.deepcopy(cached_tiny("llama")[0].config)  # its layer types are read
+            self.config._attn_implementation = "eager"
             self.set = []
 
         def set_attn_implementation(self, name):

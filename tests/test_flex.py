@@ -12,7 +12,8 @@ from conftest import FEW_SHOT, QUESTIONS, cached_tiny, generate_reference
 from dataset import Dataset, Record
 from functools import partial
 
-from decoding import LanguageModel, StopRule, build_row, decode, encode_prompt, fused_row, greedy, pad_left, prefill
+from decoding import (LanguageModel, StopRule, build_row, decode, encode_prompt, fused_row, greedy, new_cache, pad_left,
+                      prefill)
 from fusion import FusionSettings
 from methods import answer_fused as answer_fused_with_stats
 from segment_mask import FLEX_ATTENTION, FUSED_SEGMENT, SegmentMask, build_dense_mask, segment_biases, segment_mask_mod
@@ -33,18 +34,19 @@ def answer_fused(model, tokenizer, dataset, batch, n, stop, weights=None, **sett
 def fused_prefill(model, rows, backend="sdpa", biases=None, temperature=1.0):
     """Run the fused layout once; return (cache, all logits, padded ids)."""
     ids, pos, seg = pad_left(rows, 0, model.device)
-    mask = SegmentMask(seg, MAX_NEW, FusionSettings(backend=backend, temperature=temperature), biases)
+    mask = SegmentMask(seg, MAX_NEW, FusionSettings(backend=backend, temperature=temperature), biases, positions=pos)
     with mask.attention(model):
-        logits, cache = prefill(model, ids, pos, mask.prefill(), logits_to_keep=0)
+        logits, cache = prefill(model, ids, pos, mask.prefill(), logits_to_keep=0, cache=new_cache(model, True))
     return cache, logits, ids
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_each_paraphrase_is_encoded_as_if_alone(small_dataset, family, backend):
     """K/V of every paraphrase segment after the fused prefill equal those of prefix + that paraphrase
     run alone (left positions), for a padded batch of two questions, through both backends; Qwen3
-    normalises q and k per head, so its keys are checked after the norm."""
+    normalises q and k per head, so its keys are checked after the norm; Gemma 3's rows run far past its
+    16-token window, so its sliding layers' keys hold only what the window lets through."""
     model, tokenizer = cached_tiny(family)
     records = small_dataset.records[:2]
     parts = [small_dataset.prompt_parts(r, 3) for r in records]
@@ -55,7 +57,7 @@ def test_each_paraphrase_is_encoded_as_if_alone(small_dataset, family, backend):
         prefix, segments, _ = encode_prompt(tokenizer, p.prefix, p.segments, p.suffix)
         start = width - len(rows[b].input_ids) + len(prefix)  # left padding shifts the row
         for seg in segments:
-            alone = DynamicCache(config=model.config)
+            alone = DynamicCache()  # every key kept (a sliding layer's own cache keeps only its window)
             with torch.inference_mode():
                 model(input_ids=torch.tensor([prefix + seg]), cache=alone)
             for layer, ref in zip(cache.layers, alone.layers):
@@ -81,7 +83,7 @@ def test_one_paraphrase_equals_plain_greedy_decoding(tiny, small_dataset):
 def test_flex_and_sdpa_agree(small_dataset, bias, positions, temperature):
     """The same mask (and score changes) rendered as a BlockMask with a score_mod (FlexAttention) and
     as a dense mask (SDPA, or written-out scores with a temperature), on one model."""
-    for family in ("llama", "qwen2", "qwen3"):
+    for family in ("llama", "qwen2", "qwen3", "gemma3"):
         model, tokenizer = cached_tiny(family)
         rows = [fused_row(tokenizer, small_dataset.prompt_parts(r, 3), positions) for r in small_dataset.records]
         biases = torch.full((3, 3), -math.log(3)) if bias == "uniform" else None
@@ -113,7 +115,7 @@ def test_cached_decoding_equals_full_recompute(tiny, small_dataset, positions, t
         ids = torch.tensor([row.input_ids + generated])
         pos = torch.tensor([row.position_ids + list(range(next_pos, next_pos + len(generated)))])
         seg = torch.tensor([row.segment_ids + [FUSED_SEGMENT] * len(generated)])
-        mask = SegmentMask(seg, 0, settings, biases)
+        mask = SegmentMask(seg, 0, settings, biases, positions=pos)
         with torch.inference_mode(), mask.attention(model):
             logits = model(input_ids=ids, position_ids=pos, **mask.prefill()).logits[0, -1]
         generated.append(logits.argmax().item())
@@ -271,18 +273,20 @@ def test_fused_fewshot_identical_copies_equal_the_single_prompt(tiny):
     fused = fused_row(tokenizer, copies.prompt_parts(copies.records[0], 3, "fused"))
     _, alone, _ = fused_prefill(model, [single_row])
     ids, pos, seg = pad_left([fused], 0, model.device)
-    mask = SegmentMask(seg, MAX_NEW, FusionSettings(bias="uniform"), torch.full((1, 3), -math.log(3)))  # examples too
+    mask = SegmentMask(seg, MAX_NEW, FusionSettings(bias="uniform"), torch.full((1, 3), -math.log(3)),  # examples too
+                       positions=pos)
     with mask.attention(model):
-        biased, _ = prefill(model, ids, pos, mask.prefill())
+        biased, _ = prefill(model, ids, pos, mask.prefill(), cache=new_cache(model, True))
     assert (biased[0, -1] - alone[0, -1]).abs().max() <= 1e-4
     out = answer_fused(model, tokenizer, copies, copies.records, 3, no_stop(), bias="uniform",
                        fewshot="fused")[0]
     assert out["token_ids"] == generate_reference(model, tokenizer, single_row.input_ids, MAX_NEW)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 @pytest.mark.parametrize("positions", ["left", "right"])
-def test_fused_fewshot_flex_equals_sdpa_and_batches_change_nothing(positions):
-    model, tokenizer = cached_tiny("qwen2")
+def test_fused_fewshot_flex_equals_sdpa_and_batches_change_nothing(positions, family):
+    model, tokenizer = cached_tiny(family)
     ds = fused_fewshot_dataset()
     kwargs = dict(positions=positions, bias="uniform", fewshot="fused")
     sdpa = answer_fused(model, tokenizer, ds, ds.records, 3, no_stop(), backend="sdpa", **kwargs)

@@ -63,7 +63,7 @@ def early_stop(model, tokenizer, rows, n, renderer=None) -> StopRule:
     return StopRule({first[1]}, MAX_NEW, first_line_only=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("kind, n, fuse", [
     ("single", 1, None),  # per_prompt / origin / confidence sampling / paraphrasing: plain rows
     ("single", 3, lambda l: torch.log_softmax(l, -1).mean(1).argmax(-1)),  # logit avg
@@ -80,7 +80,7 @@ def test_plain_rows_same_with_and_without_prefix_reuse(family, kind, n, fuse):
     assert_same(*both_ways(model, tokenizer, run))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("positions, backend, temperature", [
     ("left", "sdpa", 1.0), ("right", "sdpa", 0.5), ("continuous", "sdpa", 1.0), ("left", "flex", 1.0)])
 def test_fused_rows_same_with_and_without_prefix_reuse(family, positions, backend, temperature):
@@ -105,7 +105,7 @@ def fused_fewshot_rows(tokenizer, positions: str):
     return [fused_row(tokenizer, ds.prompt_parts(r, 3, "fused"), positions) for r in ds.records]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("positions, backend, temperature, bias, isolation", [
     ("left", "sdpa", 1.0, "sqrt", "full"), ("right", "sdpa", 0.5, "uniform", "full"),
     ("continuous", "sdpa", 1.0, "none", "none"), ("left", "flex", 1.0, "sqrt", "full"),

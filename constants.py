@@ -1,12 +1,15 @@
 """Names, paths and defaults shared by every script: the one place to look them up."""
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"
-CACHE_DIR = Path(os.environ.get("SELF_ENSEMBLE_CACHE", Path.home() / ".cache" / "self-ensemble"))
+# an empty SELF_ENSEMBLE_CACHE is unset (Path("") would be the current directory)
+CACHE_DIR = Path(os.environ.get("SELF_ENSEMBLE_CACHE") or Path.home() / ".cache" / "self-ensemble")
 
 # Upstream-compatible model keys -> Hugging Face ids. `--model` also takes any HF id or local folder.
 MODELS: dict[str, str] = {
@@ -134,6 +137,33 @@ def first_line(err: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+@contextmanager
+def warnings_only_if_it_works():
+    """Log lines of the block are shown after it, and only if it succeeds: a step that fails says one line.
+    transformers' own logger prints through its own handler, so it is held too."""
+    held: list[tuple[logging.Logger, logging.LogRecord]] = []
+
+    class Hold(logging.Handler):
+        def __init__(self, logger: logging.Logger):
+            super().__init__()
+            self.logger = logger
+
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append((self.logger, record))
+
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]
+    handlers = [logger.handlers for logger in loggers]
+    for logger in loggers:
+        logger.handlers = [Hold(logger)]
+    try:
+        yield
+    finally:
+        for logger, kept in zip(loggers, handlers):
+            logger.handlers = kept
+    for logger, record in held:
+        logger.handle(record)
 
 
 def safe_name(name: str) -> str:

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from constants import (CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, GEMMA_GGUF, GEMMA_MODEL,
                        GEMMA_PACKAGE, GEMMA_SHA256, MODELS, PACKAGED_MODELS, TINY_MODELS, InputError,
-                       first_line)
+                       first_line, warnings_only_if_it_works)
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,8 +117,9 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantise a GGUF file into a safetensors folder (written to a temp dir, then renamed)."""
     log.warning("converting %s into %s (once; about a minute)", gguf_path.name, out)
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                      trust_remote_code=False)
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # save_pretrained refuses GGUF-quantised models
@@ -134,6 +135,9 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the shared cache from collaborators
         for file in tmp.iterdir():  # and the weights as readable as the folder (safetensors writes them 0600)
             file.chmod(0o666 & ~current_umask())
+        if out.is_dir() and not (out / "config.json").exists():  # a conversion of ours cut short: replaced
+            log.warning("%s holds no config.json (an interrupted conversion): replacing it", out)
+            shutil.rmtree(out)
         try:
             tmp.rename(out)
         except OSError:  # another process (a second rank) finished the same conversion first
@@ -261,15 +265,17 @@ def check_cache_dir(cache_dir: Path | None = None) -> None:
     raise InputError(f"the cache folder {folder} ({set_by}) {why}; set SELF_ENSEMBLE_CACHE to a folder")
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
-REVISIONS_FILE = "revisions.json"  # in CACHE_DIR: each weight file's sha256, by absolute path, size and mtime_ns
+REVISIONS_FILE = "revisions.json"  # in CACHE_DIR: each model file's sha256, by absolute path, size and mtime_ns
+DOCUMENTATION = (".md", ".html", ".png", ".jpg", ".jpeg", ".pdf")  # decides no output, as LICENSE, NOTICE, README
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The files that decide a local model folder's weights: config.json and every *.safetensors, *.bin, *.gguf,
-    *.pt file (hidden files aside), in name order."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
-                  and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+def model_files(folder: Path) -> list[Path]:
+    """The files that decide what a local model folder answers: every regular file but hidden ones and
+    documentation - the weights, config.json, generation_config.json (stop tokens), the tokenizer's files (a BOS
+    removed from tokenizer.json changes every prompt), the chat template - in name order."""
+    def documentation(p: Path) -> bool:
+        return p.suffix.lower() in DOCUMENTATION or p.name.upper().startswith(("LICENSE", "NOTICE", "README"))
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and not documentation(p))
 
 
 def read_revisions(cache: Path) -> dict:
@@ -286,14 +292,14 @@ def file_sha256(file: Path) -> str:
 
 
 def folder_revision(folder: Path, cache_dir: Path | None = None) -> str:
-    """A content hash of a local model folder (see weight_files): the sha256 of each file, reused from
+    """A content hash of a local model folder (see model_files): the sha256 of each file, reused from
     CACHE_DIR/revisions.json while the file's absolute path, size and mtime_ns are unchanged (a re-saved file gets
     a new mtime, so weights changed within the same size are hashed again). The cache is written atomically; an
     unreadable or unwritable one only costs the hashing."""
     cache = Path(cache_dir or CACHE_DIR) / REVISIONS_FILE
     kept = read_revisions(cache)
     digest, changed = hashlib.sha256(), False
-    for file in weight_files(folder):
+    for file in model_files(folder):
         stat = file.stat()
         key = str(file.absolute())
         entry = kept.get(key)
@@ -347,16 +353,20 @@ def has_chat_template(name: str) -> bool | None:
     if name in TINY_MODELS:
         return bool(getattr(tiny_tokenizer(add_bos=True), "chat_template", None))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_source(name), local_files_only=True)
+        with warnings_only_if_it_works():
+            tokenizer = AutoTokenizer.from_pretrained(model_source(name), local_files_only=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - not in the cache, or not loadable: load_model reports it in one line
         return None
     return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _load_pretrained(source: str, torch_dtype, attn_implementation: str, device_map, **hub):
-    tokenizer = AutoTokenizer.from_pretrained(source, **hub)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map, **hub)
+    """Never a model's own Python code: transformers would ask on stdin and run it on a "y". What transformers
+    warns about is shown only when the model loads (a failed load is one line)."""
+    with warnings_only_if_it_works():
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                     device_map=device_map, trust_remote_code=False, **hub)
     return model, tokenizer
 
 

@@ -43,6 +43,25 @@ where the answer (or a later block) reads them::
     S .PP1122233S.
     S .PP1122233SS
 
+On a model with sliding-window layers (Gemma 3: 512 tokens) every layer type gets its own mask: a full layer
+the rule above, a sliding one the rule and transformers' window (a key less than W positions before the query),
+measured in position ids, so that each paraphrase reads the prefix as it would alone. The first picture's row
+at left positions (prefix 0-1, paraphrases from 2, suffix 5-6) on a layer with W = 3::
+
+      _PP1122233SS
+    _ _...........
+    P .P..........
+    P .PP.........
+    1 .PP1........
+    1 ..P11.......
+    2 .PP..2......
+    2 ..P..22.....
+    2 .....222....
+    3 .PP.....3...
+    3 ..P.....33..
+    S ....1.22.3S.
+    S .......2..SS
+
 With --record-attention the decode also keeps, per generated token, its attention share on the prefix, each
 paraphrase and the suffix (`AttentionShares`), recomputed from each layer's queries and keys.
 """
@@ -173,6 +192,16 @@ def window_mask_mod(positions: torch.Tensor, q_offset: torch.Tensor, window: int
     return within_window
 
 
+def layer_mask_mod(segment_ids: torch.Tensor, positions: torch.Tensor | None, q_offset: torch.Tensor, isolation: str,
+                   window: int | None) -> MaskMod:
+    """One layer's rule: the segment rule, and on a sliding-window layer (`window`) the window's too."""
+    rule = segment_mask_mod(segment_ids, q_offset, isolation)
+    if window is None:
+        return rule
+    from torch.nn.attention.flex_attention import and_masks
+    return and_masks(rule, window_mask_mod(positions, q_offset, window))
+
+
 def fused_key_score(score: torch.Tensor, q_seg: torch.Tensor, kv_seg: torch.Tensor, kv_scale: torch.Tensor,
                     kv_bias: torch.Tensor) -> torch.Tensor:
     """A query's score on a paraphrase key of another segment (the answer reading the paraphrases): scaled
@@ -248,10 +277,12 @@ def dense_score_scale(segment_ids: torch.Tensor, key_scale: torch.Tensor, q_offs
                            0.0)
 
 
-def allowed_matrix(segment_ids: list[int], isolation: str = "full") -> torch.Tensor:
-    """[L, L] bool, True where query (row) may attend to key (column): the dense rendering itself."""
-    seg = torch.tensor([segment_ids])
-    mask_mod = segment_mask_mod(seg, torch.tensor(0), isolation)
+def allowed_matrix(segment_ids: list[int], isolation: str = "full", positions: list[int] | None = None,
+                   window: int | None = None) -> torch.Tensor:
+    """[L, L] bool, True where query (row) may attend to key (column): the dense rendering itself; with a
+    `window`, a sliding-window layer's (`positions` the tokens' position ids)."""
+    seg, pos = torch.tensor([segment_ids]), None if positions is None else torch.tensor([positions])
+    mask_mod = layer_mask_mod(seg, pos, torch.tensor(0), isolation, window)
     return build_dense_mask(mask_mod, 1, len(segment_ids), len(segment_ids), "cpu", torch.float32)[0, 0] == 0
 
 
@@ -508,12 +539,7 @@ class SegmentMask:
         return attention_implementation(model, name[self.backend] + (RECORDING if self.shares is not None else ""))
 
     def mask_mod(self, offset: torch.Tensor, window: int | None = None) -> MaskMod:
-        """The segment rule; on a sliding-window layer (`window`) composed with the window's."""
-        rule = segment_mask_mod(self.segment_ids, offset, self.isolation)
-        if window is None:
-            return rule
-        from torch.nn.attention.flex_attention import and_masks
-        return and_masks(rule, window_mask_mod(self.positions, offset, window))
+        return layer_mask_mod(self.segment_ids, self.positions, offset, self.isolation, window)
 
     def per_layer_type(self, render_one: Callable):
         """render_one(layer type, window) for each layer type of the model: the one mask when all layers are alike (what
@@ -645,12 +671,14 @@ def segment_char(segment_id: int) -> str:
     return PARAPHRASE_CHARS[local - 1] if local <= len(PARAPHRASE_CHARS) else "+"
 
 
-def draw_mask(segment_ids: list[int], max_columns: int = 80, fold_prefix: bool = False, isolation: str = "full") -> str:
-    """The mask as characters: a cell shows the segment of the key it may attend to, '.' none.
+def draw_mask(segment_ids: list[int], max_columns: int = 80, fold_prefix: bool = False, isolation: str = "full",
+              positions: list[int] | None = None, window: int | None = None) -> str:
+    """The mask as characters: a cell shows the segment of the key it may attend to, '.' none; with a
+    `window`, a sliding-window layer's (`positions` the tokens' position ids).
     Longer rows are downsampled: one cell covers step x step tokens and shows its first visible key.
     fold_prefix: the prefix's keys drawn as one column and its own (plain causal) rows left out, so a long
     instruction and few-shot prefix does not push the paraphrases off the screen."""
-    allowed = allowed_matrix(segment_ids, isolation).numpy()
+    allowed = allowed_matrix(segment_ids, isolation, positions, window).numpy()
     chars = [segment_char(s) for s in segment_ids]
     prefix = [i for i, s in enumerate(segment_ids) if s == PREFIX_SEGMENT]
     if fold_prefix and len(prefix) > 1:

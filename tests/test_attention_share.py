@@ -112,20 +112,23 @@ def test_recording_changes_no_token_and_no_logit(backend, case):
     assert all(torch.equal(a, b) for a, b in zip(plain_logits, logits))
 
 
-def test_shares_equal_eager_attention_weights():
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_shares_equal_eager_attention_weights(family):
     """An independent reference: transformers' eager attention over the whole prompt under the dense mask (with
     the -log N bias), output_attentions=True; the last prompt token's weights summed per segment are the first
-    generated token's recorded shares, layer by layer."""
-    model, tokenizer = cached_tiny("llama")
+    generated token's recorded shares, layer by layer (Gemma 3's sliding layers under their own mask)."""
+    model, tokenizer = cached_tiny(family)
     ds = dataset()
     record = ds.records[1]
     row = fused_row(tokenizer, ds.prompt_parts(record, 3))
     _, tokens, _, shares = decode_fused_shares(LanguageModel(model, tokenizer, prefix_cache=None), ds, [record], 3,
                                                no_stop(1), FusionSettings(bias="uniform", record_attention=True))
     ids, pos, seg = pad_left([row], 0, model.device)
-    mask = SegmentMask(seg, 0, FusionSettings(bias="uniform"), torch.full((1, 3), -math.log(3)))
+    mask = SegmentMask(seg, 0, FusionSettings(bias="uniform"), torch.full((1, 3), -math.log(3)), positions=pos)
+    with mask.attention(model):  # the model's layer types decide the masks rendered
+        rule = mask.prefill()
     with torch.inference_mode(), attention_implementation(model, "eager"):
-        out = model(input_ids=ids, position_ids=pos, output_attentions=True, **mask.prefill())
+        out = model(input_ids=ids, position_ids=pos, output_attentions=True, **rule)
     columns = share_columns(seg, 3)[0]
     expected = torch.stack([layer[0, :, -1].mean(0) @ columns for layer in out.attentions])
     assert (shares.per_layer(0)[0] - expected).abs().max() <= 1e-5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,8 +28,9 @@ def char(seg: int) -> str:
     return {PAD: "_", 0: "P", F: "S"}.get(seg, "A" if seg % SHOT_STRIDE == SHOT_ANSWER else str(seg % SHOT_STRIDE))
 
 
-def picture(segments: list[int], isolation: str = "full") -> list[str]:
-    allowed = allowed_matrix(segments, isolation).tolist()
+def picture(segments: list[int], isolation: str = "full", positions: list[int] | None = None,
+            window: int | None = None) -> list[str]:
+    allowed = allowed_matrix(segments, isolation, positions, window).tolist()
     return ["".join(char(segments[k]) if allowed[q][k] else "." for k in range(len(segments)))
             for q in range(len(segments))]
 
@@ -127,6 +129,26 @@ def test_rule_earlier_block_on_two_fused_examples():
         P12A12A1..
         P12A12A.2.
         P12A12A12S""")
+
+
+def test_a_sliding_layer_keeps_the_rule_within_the_window_of_positions():
+    # the docstring's third picture: left positions (paraphrases restart at 2, the suffix at 5), W = 3
+    seg, pos = [PAD, 0, 0, 1, 1, 2, 2, 2, 3, 3, F, F], [0, 0, 1, 2, 3, 2, 3, 4, 2, 3, 5, 6]
+    assert picture(seg, positions=pos, window=3) == drawn("""
+        _...........
+        .P..........
+        .PP.........
+        .PP1........
+        ..P11.......
+        .PP..2......
+        ..P..22.....
+        .....222....
+        .PP.....3...
+        ..P.....33..
+        ....1.22.3S.
+        .......2..SS""")
+    assert sm.draw_mask(seg, positions=pos, window=3).split("\n")[1:] == [
+        f"{sm.segment_char(s)} {row}" for s, row in zip(seg, picture(seg, positions=pos, window=3))]
 
 
 def test_isolation_none_lets_paraphrases_see_the_earlier_ones_of_their_block():
@@ -519,11 +541,12 @@ def test_recording_hands_queries_and_keys_to_the_shares_and_changes_nothing():
         return "out", None
 
     class Shares:
-        def add(self, query, key, scaling):
-            calls.append(("add", query, key, scaling))
+        def add(self, query, key, scaling, kind):
+            calls.append(("add", query, key, scaling, kind))
+    module = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention", "sliding_attention"]), layer_idx=1)
     recorded = sm.recording(attend)
-    assert recorded("m", "q", "k", "v", "mask", attention_shares=Shares(), scaling=0.5) == ("out", None)
-    assert calls == [("add", "q", "k", 0.5), {"scaling": 0.5}]
+    assert recorded(module, "q", "k", "v", "mask", attention_shares=Shares(), scaling=0.5) == ("out", None)
+    assert calls == [("add", "q", "k", 0.5, "sliding_attention"), {"scaling": 0.5}]  # the layer's own mask
 
 
 # ---------------------------------------------------------------- the flex rendering, read without running flex

@@ -314,8 +314,17 @@ def test_revision_is_a_content_hash_cached_by_path_size_and_mtime(tmp_path, monk
     assert second != first and hashed == ["model.safetensors"]
     (tmp_path / "cache" / "revisions.json").write_text("{broken")  # an unreadable cache is ignored
     assert models.folder_revision(folder) == second
-    (folder / "tokenizer.json").write_text("{}")  # not a weight file: the revision stays
+    (folder / "README.md").write_text("# notes")  # documentation: the revision stays
     assert models.folder_revision(folder) == second
+    revisions = {second}
+    for name, edit in (("tokenizer.json", lambda t: t.replace('"<s>"', '"<bos>"', 1)),  # what the prompt reads
+                       ("generation_config.json", lambda t: t.replace('"eos_token_id": 2', '"eos_token_id": 1')),
+                       ("tokenizer_config.json", lambda t: t.replace("}", ', "chat_template": "{{ 1 }}"}', 1))):
+        text = (folder / name).read_text()
+        assert edit(text) != text, name
+        (folder / name).write_text(edit(text))
+        revisions.add(models.folder_revision(folder))
+    assert len(revisions) == 4  # every file that decides the output moves the revision
 
 
 def test_revision_without_a_writable_cache_still_works(tmp_path, monkeypatch):

@@ -100,10 +100,16 @@ def test_embedded_model_is_converted_once_then_reused(tmp_path, monkeypatch):
     calls = []
     convert = models.convert_gguf
     monkeypatch.setattr(models, "convert_gguf", lambda *a: (calls.append(a), convert(*a)))
+    cut_short = tmp_path / "models" / "smollm2_135m_it"  # a conversion interrupted after the rename's mkdir
+    cut_short.mkdir(parents=True)
+    (cut_short / "model.safetensors").write_bytes(b"partial")
     folder = models.embedded_model_dir(tmp_path)
     assert calls and (folder / "config.json").exists() and list(folder.glob("*.safetensors"))
+    assert folder == cut_short and (folder / "model.safetensors").stat().st_size > 1_000_000  # replaced
     from results import current_umask
     assert folder.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # shared caches: not mkdtemp's 0700
+    for file in folder.iterdir():  # the weights as readable as their folder
+        assert file.stat().st_mode & 0o777 == 0o666 & ~current_umask(), file.name
     assert models.embedded_model_dir(tmp_path) == folder and len(calls) == 1  # second load: no conversion
     monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
     model, tokenizer = models.load_model("smollm2_135m_it", device="cpu")

@@ -78,6 +78,7 @@ class Dataset:
     few_shot: list[tuple[str, str]] = field(default_factory=list)  # (question as shown, answer)
     few_shot_paraphrases: list[list[str]] = field(default_factory=list)  # each example's paraphrases, if known
     chat: object | None = None  # a tokenizer whose chat template writes the prompt (--prompt-format chat)
+    source_sha256: str | None = None  # the data file's bytes as the loader read them (JSONL), for the settings
 
     def prompt_parts(self, record: Record, n: int, fewshot: str = "single") -> PromptParts:
         """single: every few-shot example as one question and its answer; fused: as its N paraphrases (cycled
@@ -114,7 +115,11 @@ class Dataset:
         for question, (_, answer) in zip(examples, self.few_shot):
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": shown[-1]})
-        text = self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - a template that raises (Gemma's refuse a system turn) or won't parse
+            raise InputError(f"--prompt-format chat: the tokenizer's chat template fails on this prompt "
+                             f"({first_line(err)[:200]}); use --prompt-format plain") from None
         shared = re.split("|".join(re.escape(m) for m in shown), text)
         if len(shared) != len(blocks) + 1:
             raise InputError("--prompt-format chat: the tokenizer's chat template does not keep the question text "
@@ -170,19 +175,50 @@ def parse_json(text: str, where: str):
     return value
 
 
+def check_data_file(path: Path) -> None:
+    """A data file must be a regular file: a folder, a device or a FIFO (which would hang the read) is named."""
+    import stat
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"data file not found: {path}") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({type(err).__name__}: {err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "not a regular file")
+        raise InputError(f"data file {path} is {kind}, not a file of JSON lines")
+
+
+def jsonl_lines(path: Path, digest=None):
+    """(line number, text) of each non-blank line, read once from disk; `digest` (hashlib) gets every byte read,
+    so that what is hashed is what was read. Lines end at "\\n" only: U+2028, U+0085, \\x0c... inside a line are
+    data (str.splitlines would cut the line there)."""
+    check_data_file(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if digest is not None:
+                digest.update(raw)
+            try:
+                line = raw.decode("utf-8").removesuffix("\n")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                 f"{err.start + 1}); save it as UTF-8") from None
+            if line.strip(JSON_BLANK):
+                yield lineno, line
+
+
+def json_object(line: str, where: str) -> dict:
+    row = parse_json(line, where)
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    return row
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line. Lines end at "\n" only: U+2028, U+0085, \x0c... inside a
-    line are data (str.splitlines would cut the line there)."""
-    if not path.is_file():
-        raise InputError(f"data file not found: {path}")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip(JSON_BLANK):
-            continue
-        row = parse_json(line, f"{path}:{lineno}")
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{lineno}: expected a JSON object")
-        rows.append((lineno, row))
+    """(line number, object) for each non-blank line (see jsonl_lines)."""
+    rows = [(lineno, json_object(line, f"{path}:{lineno}")) for lineno, line in jsonl_lines(path)]
     if not rows:
         raise InputError(f"{path}: no records")
     return rows
@@ -228,13 +264,19 @@ def parse_record(row: dict, where: str) -> Record:
     return Record(uuid, [p.strip() for p in paraphrases], answers, manual)
 
 
-def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: int | None = None) -> Dataset:
+def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: int | None = None,
+               limit: int | None = None) -> Dataset:
     """Rows with split "train" are the few-shot pool (the first K are the examples); without any, the first K rows
     are the examples (and are not scored). K = num_fewshot (None: 5; 0: no examples, every row is scored).
-    With task "mask" every paraphrase must hold the [MASK] placeholder."""
+    With task "mask" every paraphrase must hold the [MASK] placeholder. With a `limit`, lines past the first
+    K + limit questions are parsed only where they could be few-shot rows (they name "train", or escape a
+    character); every byte is hashed all the same (`Dataset.source_sha256`: the data as read)."""
     k = check_num_fewshot(num_fewshot)
-    records, train, seen = [], [], set()
-    for lineno, row in read_jsonl(path):
+    records, train, seen, digest = [], [], set(), hashlib.sha256()
+    for lineno, line in jsonl_lines(path, digest):
+        if limit is not None and len(records) >= k + limit and "train" not in line and "\\" not in line:
+            continue  # a question past the limit: not needed (a few-shot row names "train")
+        row = json_object(line, f"{path}:{lineno}")
         record = parse_record(row, f"{path}:{lineno}")
         if record.uuid in seen:
             raise InputError(f"{path}:{lineno}: duplicate uuid {record.uuid!r}")
@@ -253,8 +295,10 @@ def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: i
     if not records:
         raise InputError(f"{path}: no questions left to answer after taking the few-shot examples"
                          + ("" if k == 0 else " (--num-fewshot 0 takes none)"))
+    if not seen:
+        raise InputError(f"{path}: no records")
     shots = [(r.paraphrases[0], r.answers[0] if r.answers else "") for r in train[:k]]
-    return Dataset(name, task, records, shots, [r.paraphrases for r in train[:k]])
+    return Dataset(name, task, records, shots, [r.paraphrases for r in train[:k]], source_sha256=digest.hexdigest())
 
 
 # ---------------------------------------------------------------- the hub, failing fast when offline
@@ -591,11 +635,11 @@ def load_dataset_by_name(name: str, data_file: str | None = None, task: str | No
     paraphrase_set = resolve_paraphrase_set(name, paraphrase_set)
     check_num_fewshot(num_fewshot)
     if name == "webqa_sample":
-        ds = load_jsonl(path or WEBQA_SAMPLE_FILE, task or "qa", name, num_fewshot)
+        ds = load_jsonl(path or WEBQA_SAMPLE_FILE, task or "qa", name, num_fewshot, limit)
     elif name == "jsonl":
         if path is None:
             raise InputError("--dataset jsonl needs --data-file PATH (one JSON object a line)")
-        ds = load_jsonl(path, task or "qa", num_fewshot=num_fewshot)
+        ds = load_jsonl(path, task or "qa", num_fewshot=num_fewshot, limit=limit)
     elif name == "webqa":
         ds = load_webqa(path, num_paraphrases, paraphraser, limit, num_fewshot)
     elif name == "myriadlama":

@@ -264,17 +264,50 @@ def parse_record(row: dict, where: str) -> Record:
     return Record(uuid, [p.strip() for p in paraphrases], answers, manual)
 
 
+HALVES = ("choose", "confirm")  # the study's protocol: the defaults are chosen on one half, confirmed on the other
+
+
+def question_stratum(question: str) -> str:
+    """A WebQuestions question's kind, by its first word (what, who, where, when, which, how; else other)."""
+    first = question.split()[0].lower() if question.split() else ""
+    return first if first in ("what", "who", "where", "when", "which", "how") else "other"
+
+
+def assign_halves(uuids_by_stratum: dict[str, list[str]], seed: int = 0) -> dict[str, str]:
+    """uuid -> choose or confirm: within each stratum (in sorted order of stratum) the uuids shuffled with
+    random.Random(seed) and alternated, choose first: the halves differ by at most one question per stratum."""
+    rng, halves = random.Random(seed), {}
+    for stratum in sorted(uuids_by_stratum):
+        uuids = sorted(uuids_by_stratum[stratum])
+        rng.shuffle(uuids)
+        halves.update({u: HALVES[i % 2] for i, u in enumerate(uuids)})
+    return halves
+
+
+def keep_half(record_rows: list[tuple[Record, dict, str]], half: str | None) -> list[Record]:
+    """The records of one half (each row's "half" field), or all of them."""
+    if half is None:
+        return [record for record, _, _ in record_rows]
+    if half not in HALVES:
+        raise InputError(f"--half {half!r}: choose one of {', '.join(HALVES)}")
+    for record, row, where in record_rows:
+        if row.get("half") not in HALVES:
+            raise InputError(f"{where}: no 'half' (choose or confirm) for --half {half}")
+    return [record for record, row, _ in record_rows if row["half"] == half]
+
+
 def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: int | None = None,
-               limit: int | None = None) -> Dataset:
+               limit: int | None = None, half: str | None = None) -> Dataset:
     """Rows with split "train" are the few-shot pool (the first K are the examples); without any, the first K rows
     are the examples (and are not scored). K = num_fewshot (None: 5; 0: no examples, every row is scored).
     With task "mask" every paraphrase must hold the [MASK] placeholder. With a `limit`, lines past the first
     K + limit questions are parsed only where they could be few-shot rows (they name "train", or escape a
-    character); every byte is hashed all the same (`Dataset.source_sha256`: the data as read)."""
+    character); every byte is hashed all the same (`Dataset.source_sha256`: the data as read). `half`: only the
+    questions of that half of the study's protocol (their "half" field; the few-shot rows are shared)."""
     k = check_num_fewshot(num_fewshot)
     records, train, seen, digest = [], [], set(), hashlib.sha256()
     for lineno, line in jsonl_lines(path, digest):
-        if limit is not None and len(records) >= k + limit and "train" not in line and "\\" not in line:
+        if limit is not None and half is None and len(records) >= k + limit and "train" not in line and "\\" not in line:
             continue  # a question past the limit: not needed (a few-shot row names "train")
         row = json_object(line, f"{path}:{lineno}")
         record = parse_record(row, f"{path}:{lineno}")
@@ -284,14 +317,18 @@ def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: i
         if task == "mask" and missing_mask(record.paraphrases) is not None:
             raise InputError(f"{path}:{lineno}: paraphrase {missing_mask(record.paraphrases)} has no "
                              f"{MASK_PLACEHOLDER} placeholder (--task mask)")
-        (train if row.get("split") == "train" else records).append(record)
+        if row.get("split") == "train":
+            train.append(record)
+        else:
+            records.append((record, row, f"{path}:{lineno}"))
     if not train:
-        train, records = records[:k], records[k:]
+        train, records = [record for record, _, _ in records[:k]], records[k:]
         if k:
             log.warning("%s: no rows with split=train; the first %d rows are the few-shot examples and are not "
                         "scored (--num-fewshot %d; 0 takes none)", path, len(train), k)
     elif num_fewshot is not None and len(train) < k:
         raise InputError(f"--num-fewshot {k}: {path} has only {len(train)} rows with split=train")
+    records = keep_half(records, half)
     if not records:
         raise InputError(f"{path}: no questions left to answer after taking the few-shot examples"
                          + ("" if k == 0 else " (--num-fewshot 0 takes none)"))
@@ -626,12 +663,15 @@ def check_masks(ds: Dataset) -> None:
 
 def load_dataset_by_name(name: str, data_file: str | None = None, task: str | None = None,
                          num_paraphrases: int = 1, paraphraser=None, limit: int | None = None,
-                         paraphrase_set: str | None = None, num_fewshot: int | None = None) -> Dataset:
+                         paraphrase_set: str | None = None, num_fewshot: int | None = None,
+                         half: str | None = None) -> Dataset:
     """The records of a dataset, checked to have `num_paraphrases` paraphrases each, cut to `limit`.
     `paraphrase_set`: MyriadLAMA's templates (see `resolve_paraphrase_set`); None is upstream's.
     `num_fewshot`: how many few-shot examples (--num-fewshot); None is the default 5, 0 none.
     A mask task's prompts must all hold the [MASK] placeholder."""
     path = Path(data_file) if data_file else None
+    if half is not None and name != "jsonl":
+        raise InputError(f"--half {half}: applies to --dataset jsonl (a file whose questions name their half)")
     paraphrase_set = resolve_paraphrase_set(name, paraphrase_set)
     check_num_fewshot(num_fewshot)
     if name == "webqa_sample":
@@ -639,7 +679,7 @@ def load_dataset_by_name(name: str, data_file: str | None = None, task: str | No
     elif name == "jsonl":
         if path is None:
             raise InputError("--dataset jsonl needs --data-file PATH (one JSON object a line)")
-        ds = load_jsonl(path, task or "qa", num_fewshot=num_fewshot, limit=limit)
+        ds = load_jsonl(path, task or "qa", num_fewshot=num_fewshot, limit=limit, half=half)
     elif name == "webqa":
         ds = load_webqa(path, num_paraphrases, paraphraser, limit, num_fewshot)
     elif name == "myriadlama":

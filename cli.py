@@ -14,7 +14,8 @@ from typing import Callable
 from constants import (DATASETS, DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_DATASET, DEFAULT_FEWSHOT_FORMAT,
                        DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_MAX_NEW_TOKENS,
                        DEFAULT_NUM_PARAPHRASES, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P,
-                       DEFAULT_POSITIONS, EMBEDDED_MODEL, EXIT_BAD_INPUT, InputError)
+                       DEFAULT_POSITIONS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, EMBEDDED_MODEL, EXIT_BAD_INPUT,
+                       SC_PROMPTS, InputError)
 from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS
 from fusion import BESIDE, ISOLATIONS, POSITIONS, FusionSettings
 from runner import Interrupted, RunConfig
@@ -194,6 +195,35 @@ def add_fusion_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> N
     if compile_flag:
         p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                        help="torch.compile flex_attention (auto: on CUDA only)")
+
+
+SC_FLAGS = ("sc_samples", "sc_temperature", "sc_top_p", "sc_prompts")
+
+
+def add_sc_flags(p: argparse.ArgumentParser) -> None:
+    """generate.py's self-consistency flags (methods.SelfConsistency); left out, the defaults in constants.py."""
+    p.add_argument("--sc-samples", type=int, metavar="K", help="self_consistency: answers sampled per question "
+                   "(default N: the vote's N decodes)")
+    p.add_argument("--sc-temperature", type=finite_float, metavar="T", help=f"self_consistency: sampling temperature "
+                   f"(default {DEFAULT_SC_TEMPERATURE}, Wang et al. 2022)")
+    p.add_argument("--sc-top-p", type=finite_float, metavar="P", help=f"self_consistency: nucleus top-p in (0, 1] "
+                   f"(default {DEFAULT_SC_TOP_P:g}: no truncation)")
+    p.add_argument("--sc-prompts", choices=SC_PROMPTS, help="self_consistency: first (every sample reads the first "
+                   "paraphrase, the default) or each (sample k reads paraphrase k mod N)")
+
+
+def self_consistency_settings(args: argparse.Namespace):
+    """methods.SelfConsistency from the flags for --method self_consistency (None for the other methods, which
+    refuse the flags); bad values end in one line before anything loads."""
+    given = [f"--{f.replace('_', '-')}" for f in SC_FLAGS if getattr(args, f, None) is not None]
+    if args.method != "self_consistency":
+        if given:
+            raise InputError(f"{given[0]} applies to --method self_consistency only")
+        return None
+    from methods import SelfConsistency
+    chosen = {k: v for k, v in zip(("samples", "temperature", "top_p", "prompts"),
+                                   (getattr(args, f) for f in SC_FLAGS)) if v is not None}
+    return SelfConsistency(**chosen, seed=args.seed)
 
 
 def check_flags(args: argparse.Namespace) -> None:

@@ -122,7 +122,8 @@ DEFAULT_FUSION_BIAS = "sqrt"
 DEFAULT_FUSION_TEMPERATURE = 1.0
 DEFAULT_FEWSHOT_FORMAT = "single"
 
-LOGIT_METHODS = ("per_prompt", "origin", "avg", "avg_prob", "max", "weighted_avg", "weighted_max")
+LOGIT_METHODS = ("per_prompt", "origin", "avg", "avg_prob", "max", "weighted_avg", "weighted_max",
+                 "self_consistency")
 DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_CONFIDENCE_SAMPLES = 10  # upstream used 100; 10 keeps a CPU run practical (--confidence-samples)
 
@@ -178,3 +179,13 @@ DEFAULT_PARAPHRASE_TOP_P = 0.9
 # Sampling of the K answers behind a paraphrase's confidence (plain softmax sampling).
 CONFIDENCE_TEMPERATURE = 1.0
 CONFIDENCE_TOP_P = 1.0
+# Self-consistency (Wang et al. 2022): K answers sampled from one prompt, then the vote. T = 0.7 with no
+# truncation is their setting for GPT-3 (PaLM: T = 0.7 and top-k 40; lm-evaluation-harness's gsm8k_cot_self_consistency:
+# T = 0.2, no top-p); K defaults to N, the vote's N greedy decodes. "first": every sample reads the first
+# paraphrase (the field's baseline, and only sampling differs from the vote); "each": sample k reads paraphrase k mod N.
+DEFAULT_SC_TEMPERATURE = 0.7
+DEFAULT_SC_TOP_P = 1.0
+SC_PROMPTS = ("first", "each")
+DEFAULT_SC_PROMPTS = "first"
+# Calibration in evaluate.py: expected calibration error over equal-mass bins of the rows' confidence.
+CALIBRATION_BINS = 10

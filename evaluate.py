@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import Counter
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from constants import (DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS,
-                       EXIT_BAD_INPUT, LOGIT_METHODS, InputError)
+from constants import (CALIBRATION_BINS, DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE,
+                       DEFAULT_POSITIONS, DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, EXIT_BAD_INPUT,
+                       LOGIT_METHODS, InputError)
 from cli import OneLineParser
 from results import atomic_write, check_writable_dir, read_settings
 
@@ -28,25 +29,30 @@ REQUIRED_COLUMNS = (
 # flex_attention settings: those that differ from the defaults are part of the label (attn_backend only in the map)
 VARIANT_DEFAULTS = {"positions": DEFAULT_POSITIONS, "fusion_bias": DEFAULT_FUSION_BIAS,
                     "fusion_temperature": DEFAULT_FUSION_TEMPERATURE, "fewshot_format": DEFAULT_FEWSHOT_FORMAT,
-                    "isolation": "full", "beside": "none", "beside_weight": None}  # the last: only with a beside
+                    "isolation": "full", "beside": "none", "beside_weight": None,  # the last: only with a beside
+                    "sc_prompts": DEFAULT_SC_PROMPTS, "sc_temperature": DEFAULT_SC_TEMPERATURE,
+                    "sc_top_p": DEFAULT_SC_TOP_P}  # self-consistency's sampling
+NUMERIC_TAGS = {"fusion_temperature": "t", "sc_temperature": "t", "sc_top_p": "p"}  # a number in a label: t0.7
 EXTRA_COLUMNS = (*VARIANT_DEFAULTS, "attn_backend")
 REQUIRED_SETTINGS = ("positions", "fusion_bias", "fusion_temperature", "fewshot_format")  # always in the label map
 POSITION_ALIASES = {"aligned": "left"}  # flex_attention_generate.py runs --positions aligned as left
-SHORT_NAMES = {"flex_attention": "flex"}  # the method's name in a label with settings
+SHORT_NAMES = {"flex_attention": "flex", "self_consistency": "sc"}  # the method's name in a label with settings
+SELF_CONSISTENCY = "self_consistency"
 SINGLE_METHODS = ("per_prompt", "origin")  # one prompt per answer: no vote, no gain analysis
 BOOTSTRAP_SAMPLES = 2000
 BINS = 5  # consistency and entropy bins over [0, 1]
 METHOD_ORDER = (*LOGIT_METHODS, "vote", "flex_attention")
+CALIBRATION = {"ECE": "ece", "AUROC": "auroc", "Brier": "brier"}  # of the rows' `confidence`, for correctness
 REPORT_COLUMNS = (
     "method", "N", "questions", "exact", "partial", "95% CI", "sample std", "vs avg", "vs vote",
     "vs per-prompt mean", "oracle gap closed", "seconds/question", "tokens/question", "model tokens/question",
-    "mean", "best", "oracle", "file",
+    *CALIBRATION, "mean", "best", "oracle", "file",
 )
-INTERVALS = {"95% CI": "ci", "vs avg": "vs_avg", "vs vote": "vs_vote", "vs per-prompt mean": "vs_mean"}
+INTERVALS = {"95% CI": "ci", "vs avg": "vs_avg", "vs vote": "vs_vote", "vs per-prompt mean": "vs_mean", **CALIBRATION}
 CSV_COLUMNS = (
     "method", "N", "questions", "exact", "partial", "ci_low", "ci_high", "sample std",
     *(f"{name}{end}" for name in list(INTERVALS.values())[1:] for end in ("", "_low", "_high")),
-    *REPORT_COLUMNS[REPORT_COLUMNS.index("oracle gap closed"):],
+    *(c for c in REPORT_COLUMNS[REPORT_COLUMNS.index("oracle gap closed"):] if c not in CALIBRATION),
 )
 HEADER = (
     "Accuracy is the share of rows judged correct. mean/best/oracle are per_prompt only: mean over paraphrases, "
@@ -57,9 +63,12 @@ HEADER = (
     "and with the vote at the same N and paraphrase selection, and with the mean of the same single prompts, each "
     "question counted once, with its 95% bootstrap interval; oracle gap closed: (accuracy - per-prompt mean) / "
     "(oracle - per-prompt mean) over the same paraphrases. model tokens/question: tokens run through the model "
-    "(prompt + decode) per question and sample."
+    f"(prompt + decode) per question and sample. ECE ({CALIBRATION_BINS} equal-mass bins), AUROC and Brier: how well "
+    "each row's confidence (its answer's probability under the distribution that chose it; for the vote and "
+    "self_consistency the vote's share) tells its {metric} correctness, with 95% bootstrap intervals over questions."
 )
-SINGLE_COLUMNS = ("prediction", "key", "exact", "partial", "seconds", "new_tokens", "prompt_tokens", "decode_tokens")
+SINGLE_COLUMNS = ("prediction", "key", "exact", "partial", "seconds", "new_tokens", "prompt_tokens", "decode_tokens",
+                  "answer_logprob")
 COST_COLUMNS = ("seconds", "new_tokens", "prompt_tokens", "decode_tokens")
 
 
@@ -107,8 +116,8 @@ def _setting(column: str, value) -> str | None:
     """One flex_attention setting as it appears in a label (as in the file name), None for the default."""
     if _missing(value):
         return None
-    if column == "fusion_temperature":
-        return None if float(value) == DEFAULT_FUSION_TEMPERATURE else f"t{float(value):g}"
+    if column in NUMERIC_TAGS:
+        return None if float(value) == VARIANT_DEFAULTS[column] else f"{NUMERIC_TAGS[column]}{float(value):g}"
     value = POSITION_ALIASES.get(value, value) if column == "positions" else value
     if value == VARIANT_DEFAULTS[column]:
         return None
@@ -149,12 +158,19 @@ def _with_tags(method: str, tags: Sequence[str]) -> str:
 
 
 def _labels(df: pd.DataFrame) -> list[str]:
-    """Per row its method label: the non-default flex_attention settings and the table's paraphrase design."""
+    """Per row its method label: the non-default flex_attention or self-consistency settings (K samples named where
+    K is not N) and the table's paraphrase design."""
     design = _design(df)
     settings = [(c, df[c].tolist()) for c in VARIANT_DEFAULTS if c in df.columns]
+    samples = df["sc_samples"].tolist() if "sc_samples" in df.columns else [None] * len(df)
     return [_with_tags(str(method), [s for c, values in settings if (s := _setting(c, values[i])) is not None]
-                       + list(design))
-            for i, method in enumerate(df["method"])]
+                       + _samples_tag(samples[i], n) + list(design))
+            for i, (method, n) in enumerate(zip(df["method"], df["num_ensemble"]))]
+
+
+def _samples_tag(samples, n: int) -> list[str]:
+    """k<K> when self-consistency sampled K answers for another N than K (K = N is its default)."""
+    return [] if _missing(samples) or int(samples) == int(n) else [f"k{int(samples)}"]
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -292,6 +308,68 @@ def paired(scores: pd.Series, reference: pd.Series | None) -> tuple[float, float
     return (float(diff.mean()), *bootstrap(diff))
 
 
+def cluster_draws(uuids: np.ndarray, seed: int = 0):
+    """BOOTSTRAP_SAMPLES resamples of rows by question: each draw picks questions with replacement and takes all of
+    their rows (a per_prompt or sampled table has several rows per question). Yields row indices per draw."""
+    codes = pd.factorize(uuids)[0]
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes)
+    starts = np.cumsum(counts) - counts
+    rng = np.random.default_rng(seed)
+    for draw in rng.integers(0, len(counts), (BOOTSTRAP_SAMPLES, len(counts))):
+        c = counts[draw]
+        offsets = np.repeat(starts[draw] - (np.cumsum(c) - c), c)  # row j of the draw: its question's start + rank
+        yield order[offsets + np.arange(c.sum())]
+
+
+def calibration_bins(confidence: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Each row's bin among `bins` equal-mass ones: its rank in confidence order times bins / rows, where rows of
+    equal confidence share the rank of the first of them (one bin), so ties never split across bins."""
+    ordered = np.sort(confidence)
+    first = np.searchsorted(ordered, confidence, side="left")
+    return first * bins // len(confidence)
+
+
+def ece(confidence: np.ndarray, right: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error: over equal-mass bins, the row-weighted mean |accuracy - mean confidence|."""
+    gap = np.bincount(calibration_bins(confidence, bins), right - confidence, minlength=bins)  # per bin: the sum
+    return float(np.abs(gap).sum() / len(confidence))
+
+
+def auroc(confidence: np.ndarray, right: np.ndarray) -> float:
+    """The probability that a right row has a higher confidence than a wrong one (ties count half): the
+    Mann-Whitney statistic from average ranks; NaN when all rows are right or all wrong."""
+    positive = right > 0.5
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    values, inverse, counts = np.unique(confidence, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based ranks, ties averaged
+    return float((average_rank[inverse][positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def brier(confidence: np.ndarray, right: np.ndarray) -> float:
+    return float(np.mean((confidence - right) ** 2))
+
+
+def calibration(rows: pd.DataFrame, metric: str) -> dict[str, tuple[float, float, float] | None]:
+    """ECE, AUROC and Brier of the rows' `confidence` for their correctness on `metric`, each (value, low, high)
+    with its 95% interval by resampling questions (`cluster_draws`); None where no row has a confidence."""
+    if "confidence" not in rows.columns or rows["confidence"].isna().all():
+        return dict.fromkeys(CALIBRATION)
+    known = rows.dropna(subset=["confidence"])
+    conf, right = known["confidence"].to_numpy(dtype=float), known[metric].to_numpy(dtype=float)
+    scores = {"ECE": ece, "AUROC": auroc, "Brier": brier}
+    draws = np.array([[score(conf[d], right[d]) for score in scores.values()]
+                      for d in cluster_draws(known["uuid"].to_numpy())])
+    with warnings.catch_warnings():  # AUROC is NaN in a draw (or all) with only right or only wrong rows
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(draws, 2.5, axis=0), np.nanpercentile(draws, 97.5, axis=0)
+    values = {name: score(conf, right) for name, score in scores.items()}
+    return {name: None if math.isnan(v) else (v, float(lo), float(hi))
+            for (name, v), lo, hi in zip(values.items(), low, high)}
+
+
 def per_prompt_reference(per_prompt: pd.DataFrame | None, n: int, metric: str) -> tuple[pd.Series, pd.Series] | None:
     """Per question: the mean and the any() of the first n single prompts' scores."""
     if per_prompt is None:
@@ -360,26 +438,27 @@ def singles(rows: pd.DataFrame, per_prompt: pd.DataFrame, n: int) -> pd.DataFram
 
 
 def vote_position(keys: Sequence[str]) -> int:
-    """Which of the N single answers the vote picks: the most frequent non-empty key (an empty answer votes only
-    when all are empty), ties to the earliest."""
-    counts = Counter(k for k in keys if k) or Counter(keys)
-    top = max(counts.values())
-    return next(i for i, k in enumerate(keys) if counts.get(k, 0) == top)
+    """Which of the N single answers the vote picks (`scoring.vote`: the most frequent non-empty key, ties to the
+    earliest)."""
+    from scoring import vote
+    return vote(list(keys))[0]
 
 
 def vote_table(rows: pd.DataFrame, lines: pd.DataFrame, n: int) -> pd.DataFrame:
     """The vote for each of `rows` (uuid, answers, paraphrase_indices[, sample_index]) from its single prompts
-    `lines` (`singles`): the picked single answer, scored against the row's gold answers, and as cost the sum of
-    the N single prompts'."""
-    from scoring import score_frame
+    `lines` (`singles`): the picked single answer, scored against the row's gold answers, as confidence the share of
+    the N answers that voted for it (with its own answer_logprob when recorded), and as cost the sum of the N single
+    prompts'."""
+    from scoring import score_frame, vote
 
     costs = [c for c in COST_COLUMNS if c in lines.columns]
     out = []
     for r, single in lines.groupby("row", sort=True):
         src = rows.iloc[r]
-        out.append({"uuid": src["uuid"], "answers": src["answers"],
-                    "prediction": single["prediction"].iloc[vote_position(single["key"].tolist())],
-                    "method": "vote", "num_ensemble": n, "paraphrase_index": -1,
+        pick, share = vote(single["key"].tolist())
+        logprob = {"answer_logprob": single["answer_logprob"].iloc[pick]} if "answer_logprob" in single.columns else {}
+        out.append({"uuid": src["uuid"], "answers": src["answers"], "prediction": single["prediction"].iloc[pick],
+                    "confidence": share, **logprob, "method": "vote", "num_ensemble": n, "paraphrase_index": -1,
                     "paraphrase_indices": single["paraphrase_index"].tolist(),
                     **({"sample_index": src["sample_index"]} if "sample_index" in rows.columns else {}),
                     **single[costs].sum().to_dict()})
@@ -394,6 +473,14 @@ class VoteSelection:
     chosen: dict
 
 
+def compared_rows(group: Group) -> pd.DataFrame:
+    """The group's rows with the paraphrase selections it is compared at: its own, but self-consistency's are the
+    first N (as the vote's and avg's at that N) unless it read N paraphrases itself (--sc-prompts each, K >= N)."""
+    if group.method != SELF_CONSISTENCY or all(len(i) == group.n for i in selections(group.rows, group.n)):
+        return group.rows
+    return group.rows.assign(paraphrase_indices=[list(range(group.n))] * len(group.rows))
+
+
 def _vote_selections(ensembles: list[Group]) -> dict[tuple[str, int], VoteSelection]:
     """Per vote (label, N): the selections of the groups it is compared with (each group's `vote` is set); a
     group whose selections clash with another's of the same design gets its own vote, named by its file."""
@@ -401,7 +488,7 @@ def _vote_selections(ensembles: list[Group]) -> dict[tuple[str, int], VoteSelect
     for g in ensembles:
         sampled = "sample_index" in g.rows.columns
         samples = g.rows["sample_index"] if sampled else [0] * len(g.rows)
-        mine = {(u, s): (tuple(i), a) for u, s, i, a in zip(g.rows["uuid"], samples, selections(g.rows, g.n),
+        mine = {(u, s): (tuple(i), a) for u, s, i, a in zip(g.rows["uuid"], samples, selections(compared_rows(g), g.n),
                                                              g.rows["answers"])}
         label = _with_tags("vote", g.design)
         have = votes.get((label, g.n))
@@ -501,14 +588,18 @@ def gain_table(analysis: Analysis) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------- report
 
-def _interval_text(value: tuple[float, float, float] | None, signed: bool = True) -> str:
+def _interval_text(value: tuple[float, float, float] | None, signed: bool | None = True) -> str:
+    """A difference `+m [+lo, +hi]` (signed), an interval alone `[lo, hi]` (False: its value is a column of its own),
+    or a value with its interval `m [lo, hi]` (None)."""
     if value is None:
         return ""
     mean, lo, hi = value
+    if signed is None:
+        return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if signed else f"[{lo:.3f}, {hi:.3f}]"
 
 
-def _interval_columns(name: str, values: list[tuple[float, float, float] | None], signed: bool = True) -> dict:
+def _interval_columns(name: str, values: list[tuple[float, float, float] | None], signed: bool | None = True) -> dict:
     """The readable column `name` and its numeric ones (<short>, <short>_low, <short>_high)."""
     short = INTERVALS.get(name, name.replace(" ", "_"))
     parts = [v if v is not None else (float("nan"),) * 3 for v in values]
@@ -535,7 +626,7 @@ def _gap(q: pd.Series, ref: tuple[pd.Series, pd.Series] | None) -> float | None:
 def compare(analysis: Analysis) -> pd.DataFrame:
     """The report with, per row, the interval, the paired differences and the share of the oracle gap closed."""
     scores, groups = analysis.scores, {g.key: g for g in analysis.groups}
-    cis, vs_avg, vs_vote, vs_mean, closed = [], [], [], [], []
+    cis, vs_avg, vs_vote, vs_mean, closed, calibrated = [], [], [], [], [], []
     for row in analysis.report.itertuples(index=False):
         g, q = groups[(row.method, row.N)], scores[(row.method, row.N)]
         lo, hi = bootstrap(q.to_numpy(dtype=float))
@@ -546,7 +637,10 @@ def compare(analysis: Analysis) -> pd.DataFrame:
         ref = _reference(g) if g.ensemble else None
         vs_mean.append(paired(q, ref[0]) if ref is not None else None)
         closed.append(_gap(q, ref))
-    return analysis.report.assign(**_interval_columns("95% CI", cis, signed=False),
+        calibrated.append(calibration(g.rows, analysis.metric))
+    calibration_columns = {k: v for name in CALIBRATION for k, v in
+                           _interval_columns(name, [c[name] for c in calibrated], signed=None).items()}
+    return analysis.report.assign(**_interval_columns("95% CI", cis, signed=False), **calibration_columns,
                                   **_interval_columns("vs avg", vs_avg), **_interval_columns("vs vote", vs_vote),
                                   **_interval_columns("vs per-prompt mean", vs_mean), **{"oracle gap closed": closed})
 
@@ -564,7 +658,7 @@ def analyse(results_dir: str | Path, metric: str = "partial") -> Analysis:
     groups = _order(groups)
     for g in groups:
         if per_prompt is not None and g.ensemble:
-            g.singles = singles(g.rows, per_prompt, g.n)
+            g.singles = singles(compared_rows(g), per_prompt, g.n)
             g.stats = row_stats(g.rows, g.singles, metric)
     rows = [{"method": g.label, "N": g.n, **_summarise(g.rows, metric), "file": g.file} for g in groups]
     columns = [c for c in REPORT_COLUMNS if c not in INTERVALS and c != "oracle gap closed"]
@@ -951,6 +1045,62 @@ def plot_report(analysis: Analysis, gain: pd.DataFrame, output_dir: Path) -> Non
         atomic_write(output_dir / f"report.{fmt}", lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=fig.dpi))
 
 
+def calibrated_groups(analysis: Analysis) -> list[Group]:
+    """Per label its group at the largest N among those whose rows have a confidence, in report order."""
+    largest: dict[str, Group] = {}
+    for g in analysis.groups:
+        if "confidence" in g.rows.columns and g.rows["confidence"].notna().any() and g.n >= largest.get(g.label, g).n:
+            largest[g.label] = g
+    return list(largest.values())
+
+
+def reliability_points(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per equal-mass bin of the rows' confidence (`calibration_bins`): its mean confidence and its accuracy."""
+    known = rows.dropna(subset=["confidence"])
+    conf = known["confidence"].to_numpy(dtype=float)
+    frame = pd.DataFrame({"bin": calibration_bins(conf), "confidence": conf,
+                          "accuracy": known[metric].to_numpy(dtype=float)})
+    return frame.groupby("bin").mean()
+
+
+def reliability_figure(analysis: Analysis):
+    """The reliability diagram: per method label (at its largest N) its accuracy against its mean confidence in each
+    of CALIBRATION_BINS equal-mass bins, the diagonal being perfect calibration; the legend (outside) gives ECE."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups, colors = calibrated_groups(analysis), _colors(analysis)
+    fig = Figure(figsize=(8.6, 5.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if not groups:
+        _empty(ax, "Reliability: no table has a confidence column (tables written before issue 36)")
+        return fig
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="perfect calibration")
+    ece_of = {(m, n): e for m, n, e in zip(analysis.report["method"], analysis.report["N"], analysis.report["ece"])}
+    several_n = len({g.n for g in groups}) > 1
+    for g in groups:
+        points = reliability_points(g.rows, analysis.metric)
+        single = not g.ensemble  # the single prompts: grey squares, dotted
+        ax.plot(points["confidence"], points["accuracy"], marker="s" if single else "o", markersize=5,
+                linestyle=":" if single else "-", color=colors.get(g.label, GREY),
+                label=f"{g.label}{f' (N={g.n})' if several_n else ''}: ECE {ece_of.get(g.key, float('nan')):.3f}")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", xlabel="confidence (mean in the bin)",
+           ylabel=f"{analysis.metric} accuracy in the bin",
+           title=f"Reliability: {CALIBRATION_BINS} equal-mass confidence bins per method ({_n_title(groups)})")
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def plot_reliability(analysis: Analysis, output_dir: Path) -> None:
+    """reliability.png and reliability.pdf (see `reliability_figure`)."""
+    fig = reliability_figure(analysis)
+    for fmt in ("png", "pdf"):
+        atomic_write(output_dir / f"reliability.{fmt}",
+                     lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=fig.dpi))
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 PROVENANCE_COLUMNS = ("file", "git commit", "torch", "transformers", "model", "model revision", "device", "dtype",
@@ -1016,7 +1166,8 @@ def report_markdown(analysis: Analysis, results_dir: Path | None) -> str:
                      f"flex_attention) and how it chose its paraphrases (S<k>: k sampled selections per question, "
                      f"repeat: one paraphrase N times).\n\n{format_markdown(labels)}\n")
     markdown += ("\nAlso written: gain.md / gain.csv (where the gain comes from), questions.csv (every method's "
-                 "answer per question, disagreements first), report.png / report.pdf (the figures).\n")
+                 "answer per question, disagreements first), report.png / report.pdf (the figures), "
+                 "reliability.png / reliability.pdf (calibration).\n")
     if results_dir is not None:
         files = list(dict.fromkeys(analysis.report["file"]))
         markdown += (f"\n## Provenance\n\nThe code, libraries, model and device each table was made with (from its "
@@ -1162,7 +1313,8 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
 
 
 def write_report(analysis: Analysis, output_dir: Path, results_dir: Path | None = None) -> pd.DataFrame:
-    """report.md/.csv/.png/.pdf, gain.md/.csv and questions.csv in output_dir, each written atomically;
+    """report.md/.csv/.png/.pdf, gain.md/.csv, questions.csv and reliability.png/.pdf in output_dir, each written
+    atomically;
     report.md ends with the tables' provenance when `results_dir` is given. Returns the gain table."""
     gain = gain_table(analysis)
     _write_text(output_dir / "report.md", report_markdown(analysis, results_dir))
@@ -1172,6 +1324,7 @@ def write_report(analysis: Analysis, output_dir: Path, results_dir: Path | None 
     _write_csv(output_dir / "gain.csv", gain)
     _write_csv(output_dir / "questions.csv", questions_table(analysis))
     plot_report(analysis, gain, output_dir)
+    plot_reliability(analysis, output_dir)
     return gain
 
 
@@ -1204,7 +1357,7 @@ def main(argv: list[str] | None = None) -> int:
     if not gain.empty:
         print(f"\nWhere the gain comes from ({args.metric}; gain.md has the definitions and the consistency bins):")
         print(format_markdown(gain[[c for c in GAIN_BRIEF if c in gain.columns]]))
-    print(f"wrote report.md/.csv/.png/.pdf, gain.md/.csv, questions.csv to {output_dir}")
+    print(f"wrote report.md/.csv/.png/.pdf, gain.md/.csv, questions.csv, reliability.png/.pdf to {output_dir}")
     return 0
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
-from confidence import normalised_weights
-from constants import InputError
+from confidence import normalised_weights, row_generator
+from constants import DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, SC_PROMPTS, InputError
 from dataset import Dataset, Record
-from decoding import (Chooser, DecodeStats, LanguageModel, Row, StopRule, decode, fused_row, greedy,
+from decoding import (Chooser, DecodeStats, LanguageModel, Row, StopRule, answer_text, decode, fused_row, greedy,
                       shared_prefix_length, single_rows)
 from fusion import FusionSettings
 from results import result_row
@@ -24,20 +26,71 @@ FUSION_METHODS = ("avg", "avg_prob", "max", "weighted_avg", "weighted_max")
 PLAUSIBLE = 0.1  # beside prior: only tokens with >= 0.1 x the fused row's top probability (contrastive decoding's cut)
 
 
+def fused_scores(logits: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores [Q, V] a fusion rule takes the argmax of, from logits [Q, N, V] of a question's N paraphrases;
+    weights [Q, N] sum to 1. Probabilities for PROBABILITY_RULES, log-probabilities (or logits) for the others."""
+    if method == "avg":  # the mean of log-probabilities (a product of experts)
+        return torch.log_softmax(logits, -1).mean(1)
+    if method == "avg_prob":  # the mean of probabilities (a mixture, M-Ped's)
+        return torch.softmax(logits, -1).mean(1)
+    if method == "max":
+        return torch.softmax(logits, -1).max(1).values
+    if method == "weighted_avg":
+        return (weights.unsqueeze(-1) * torch.log_softmax(logits, -1)).sum(1)
+    if method == "weighted_max":  # the most confident paraphrase decides alone
+        return logits[torch.arange(len(logits)), weights.argmax(1)]
+    raise ValueError(f"unknown fusion method {method!r}")
+
+
+PROBABILITY_RULES = ("avg_prob", "max")  # their fused scores are probabilities, the others' log-domain
+
+
 def fuse_logits(logits: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per question from logits [Q, N, V] of its N paraphrases; weights [Q, N] sum to 1."""
-    if method == "avg":  # the mean of log-probabilities (a product of experts)
-        return torch.log_softmax(logits, -1).mean(1).argmax(-1)
-    if method == "avg_prob":  # the mean of probabilities (a mixture, M-Ped's)
-        return torch.softmax(logits, -1).mean(1).argmax(-1)
-    if method == "max":
-        return torch.softmax(logits, -1).max(1).values.argmax(-1)
-    if method == "weighted_avg":
-        return (weights.unsqueeze(-1) * torch.log_softmax(logits, -1)).sum(1).argmax(-1)
-    if method == "weighted_max":  # the most confident paraphrase decides alone
-        best = weights.argmax(1)
-        return logits[torch.arange(len(logits)), best].argmax(-1)
-    raise ValueError(f"unknown fusion method {method!r}")
+    return fused_scores(logits, method, weights).argmax(-1)
+
+
+def fused_logprobs(logits: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused distribution [Q, V] as log-probabilities: the fused scores renormalised (log-softmax of
+    log-domain scores; probabilities divided by their sum: max's do not sum to 1). Its argmax is `fuse_logits`'."""
+    scores = fused_scores(logits, method, weights)
+    if method in PROBABILITY_RULES:
+        return torch.log(scores / scores.sum(-1, keepdim=True))
+    return torch.log_softmax(scores, -1)
+
+
+def first_row_logprobs(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The distribution a single row (or the fused row) chooses from: log-softmax of its logits [Q, 1, V]."""
+    return torch.log_softmax(logits[:, 0], -1)
+
+
+class Recorder:
+    """A chooser around `choose` that keeps, per question of the decode, the log-probability of each token chosen
+    under `distribution` (logits, live -> log-probabilities [Q, V]): a row's calibration fields. Wrapping the
+    chooser keeps the decode loop (decoding.decode) as it is."""
+
+    def __init__(self, choose: Chooser, distribution: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                 = first_row_logprobs):
+        self.choose, self.distribution = choose, distribution
+        self.logprobs: dict[int, list[float]] = defaultdict(list)
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        tokens = self.choose(logits, live)
+        chosen = self.distribution(logits, live).gather(-1, tokens[:, None])[:, 0]
+        for q, value in zip(live.tolist(), chosen.tolist()):
+            self.logprobs[q].append(value)
+        return tokens
+
+    def fields(self, q: int) -> dict:
+        return calibration_fields(self.logprobs[q])
+
+
+def calibration_fields(token_logprobs: list[float], confidence: float | None = None) -> dict:
+    """A row's answer_logprob (its tokens' log-probabilities summed), token_logprobs and confidence (the answer's
+    sequence probability, unless given: a vote's share)."""
+    total = float(sum(token_logprobs))
+    return dict(answer_logprob=total, token_logprobs=list(token_logprobs),
+                confidence=math.exp(total) if confidence is None else float(confidence))
 
 
 def combine_beside(logits: torch.Tensor, beside: str, weight: float) -> torch.Tensor:
@@ -87,12 +140,13 @@ def answer_per_prompt(lm: LanguageModel, dataset: Dataset, batch: list[Record], 
     parts = [dataset.prompt_parts(r, k) for r, k in zip(batch, counts)]
     jobs = [(record, p, i) for record, p, k in zip(batch, parts, counts) for i in range(k)]
     rows = [row for p, k in zip(parts, counts) for row in single_rows(lm.tokenizer, p, list(range(k)))]
-    outputs, stats = decode(lm, rows, 1, greedy, stop)
+    recorder = Recorder(greedy)
+    outputs, stats = decode(lm, rows, 1, recorder, stop)
     seconds = stats.seconds / len(rows)
     return [result_row(record, lm.tokenizer, tokens, paraphrases=[record.paraphrases[i]], prompts=[p.full(i)],
                        seconds=seconds, method=method, num_ensemble=len(p.segments), paraphrase_index=i,
-                       **token_counts([row], tokens))
-            for (record, p, i), row, tokens in zip(jobs, rows, outputs)], stats
+                       **token_counts([row], tokens), **recorder.fields(j))
+            for j, ((record, p, i), row, tokens) in enumerate(zip(jobs, rows, outputs))], stats
 
 
 def answer_ensemble(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule, method: str,
@@ -106,15 +160,125 @@ def answer_ensemble(lm: LanguageModel, dataset: Dataset, batch: list[Record], n:
         weights, fallback = zip(*(normalised_weights(conf[r.uuid]) for r in batch))
         all_weights = torch.tensor(weights, device=lm.device)
 
+    def live_weights(live: torch.Tensor) -> torch.Tensor | None:
+        return all_weights[live] if conf is not None else None
+
     def choose(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        return fuse_logits(logits, method, all_weights[live] if conf is not None else None)
-    outputs, stats = decode(lm, [row for question in rows for row in question], n, choose, stop)
+        return fuse_logits(logits, method, live_weights(live))
+    recorder = Recorder(choose, lambda logits, live: fused_logprobs(logits, method, live_weights(live)))
+    outputs, stats = decode(lm, [row for question in rows for row in question], n, recorder, stop)
     seconds = stats.seconds / len(batch)
     return [result_row(record, lm.tokenizer, tokens, paraphrases=record.paraphrases[:n],
                        prompts=[p.full(i) for i in range(n)], seconds=seconds, method=method, num_ensemble=n,
-                       **token_counts(question, tokens),
+                       **token_counts(question, tokens), **recorder.fields(q),
                        **(dict(weights=list(w), weights_fallback=fb) if conf is not None else {}))
-            for record, p, question, tokens, w, fb in zip(batch, parts, rows, outputs, weights, fallback)], stats
+            for q, (record, p, question, tokens, w, fb) in enumerate(zip(batch, parts, rows, outputs, weights,
+                                                                         fallback))], stats
+
+
+@dataclass(frozen=True)
+class SelfConsistency:
+    """Self-consistency's settings (Wang et al. 2022): K answers sampled per question (samples; None: N, the vote's
+    decodes), at temperature and top-p, from the first paraphrase or from each of the N in turn (prompts: first
+    or each, sample k reading paraphrase k mod N); the run's seed, from which every sample's own seed is made."""
+    samples: int | None = None
+    temperature: float = DEFAULT_SC_TEMPERATURE
+    top_p: float = DEFAULT_SC_TOP_P
+    prompts: str = DEFAULT_SC_PROMPTS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples is not None and self.samples < 1:
+            raise InputError(f"--sc-samples must be at least 1, got {self.samples}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"--sc-temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"--sc-top-p must be in (0, 1], got {self.top_p}")
+        if self.prompts not in SC_PROMPTS:
+            raise InputError(f"--sc-prompts {self.prompts!r}: choose one of {', '.join(SC_PROMPTS)}")
+
+    def count(self, n: int) -> int:
+        return self.samples or n
+
+    def paraphrase(self, k: int, n: int) -> int:
+        """Which paraphrase sample k reads."""
+        return 0 if self.prompts == "first" else k % n
+
+    def table_name(self, n: int) -> str:
+        """ensemble_self_consistency-<N>.feather at the defaults; each, T, top-p and K named where they differ, in
+        the order of the report's label (sc[each,t0.5,p0.9,k10])."""
+        spelled = ((self.prompts, DEFAULT_SC_PROMPTS), (f"t{self.temperature:g}", f"t{DEFAULT_SC_TEMPERATURE:g}"),
+                   (f"p{self.top_p:g}", f"p{DEFAULT_SC_TOP_P:g}"), (f"k{self.count(n)}", f"k{n}"))
+        return f"ensemble_self_consistency-{n}{''.join(f'-{v}' for v, d in spelled if v != d)}.feather"
+
+    def flags(self, n: int | None) -> dict:
+        """The settings a table's rows and settings file keep (K resolved once N is known)."""
+        return dict(sc_samples=self.count(n) if n else self.samples, sc_temperature=float(self.temperature),
+                    sc_top_p=float(self.top_p), sc_prompts=self.prompts)
+
+    def generators(self, record: Record, k: int) -> list[torch.Generator]:
+        """One generator per sample, seeded from the run's seed, the question's uuid and selection and the sample's
+        index: a question's samples never depend on the questions batched with it, so a resumed run repeats them."""
+        key = f"self_consistency:{self.seed}:{record.uuid}:{getattr(record, 'sample', None)}"
+        return [row_generator(key, j) for j in range(k)]
+
+
+class SeededSampler:
+    """Sampling through transformers' own logits warpers (TemperatureLogitsWarper, then TopPLogitsWarper below
+    top-p 1), row r of the decode drawn with its own generator generators[r]."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        self.generators = generators
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature),
+                                            *([TopPLogitsWarper(top_p)] if top_p < 1 else [])])
+
+    def distribution(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """The warped distribution [R, V] as log-probabilities: what each token is drawn from."""
+        return torch.log_softmax(self.warpers(None, logits[:, 0]), -1)
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        probs = self.distribution(logits, live).exp().cpu()
+        draws = [torch.multinomial(p, 1, generator=self.generators[r]) for p, r in zip(probs, live.tolist())]
+        return torch.cat(draws).to(logits.device)
+
+
+def answer_self_consistency(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                            sc: SelfConsistency = SelfConsistency()) -> tuple[list[dict], DecodeStats]:
+    """K sampled answers per question (`SelfConsistency`), one row per question (`sampled_row`)."""
+    k = sc.count(n)
+    reads = [sc.paraphrase(j, n) for j in range(k)]
+    parts = [dataset.prompt_parts(r, n if sc.prompts == "each" else 1) for r in batch]  # as per_prompt / origin
+    rows = [[prompts[i] for i in reads] for prompts in (single_rows(lm.tokenizer, p, sorted(set(reads)))
+                                                        for p in parts)]
+    sampler = SeededSampler([g for record in batch for g in sc.generators(record, k)], sc.temperature, sc.top_p)
+    recorder = Recorder(sampler, sampler.distribution)
+    outputs, stats = decode(lm, [row for question in rows for row in question], 1, recorder, stop)
+    seconds = stats.seconds / len(batch)
+    samples = [(tokens, recorder.logprobs[s]) for s, tokens in enumerate(outputs)]
+    return [sampled_row(lm, record, p, question, reads, samples[q * k:(q + 1) * k], n, sc.flags(n), seconds)
+            for q, (record, p, question) in enumerate(zip(batch, parts, rows))], stats
+
+
+def sampled_row(lm: LanguageModel, record: Record, parts, rows: list[Row], reads: list[int],
+                samples: list[tuple[list[int], list[float]]], n: int, flags: dict, seconds: float) -> dict:
+    """A question's self-consistency row from its K samples (tokens, their log-probabilities under the warped
+    distribution), sample k read from rows[k] (paraphrase reads[k]): the majority of the K answers with the
+    post-hoc vote's key and tie rule (scoring.vote), its confidence the vote's share. The row keeps every sample:
+    samples, sample_token_ids, sample_logprobs, sample_paraphrase_indices; its cost is the K decodes'."""
+    from scoring import normalize, vote
+    answers = [answer_text(lm.tokenizer, tokens)[0] for tokens, _ in samples]
+    pick, share = vote([normalize(a) for a in answers])
+    used = sorted(set(reads))
+    costs = [token_counts([row], tokens) for row, (tokens, _) in zip(rows, samples)]
+    indices = record.indices or list(range(len(record.paraphrases)))  # a selection's, as result_row maps them
+    return result_row(record, lm.tokenizer, samples[pick][0], paraphrases=[record.paraphrases[i] for i in used],
+                      prompts=[parts.full(i) for i in used], seconds=seconds, method="self_consistency",
+                      num_ensemble=n, **{key: sum(c[key] for c in costs) for key in costs[0]},
+                      **calibration_fields(samples[pick][1], confidence=share), **flags, samples=answers,
+                      sample_token_ids=[tokens for tokens, _ in samples],
+                      sample_logprobs=[sum(logprobs) for _, logprobs in samples],
+                      sample_paraphrase_indices=[indices[i] for i in reads])
 
 
 def fusion_biases(settings: FusionSettings, batch: list[Record], n: int,
@@ -193,7 +357,8 @@ def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: in
     first_pass = settings.bias == "shares" and weights is None
     if first_pass:  # computed here to be kept in the rows; its prompt tokens and seconds are counted
         weights = share_weights(lm, dataset, batch, n, stop, settings)
-    rows, outputs, stats, shares = decode_fused_shares(lm, dataset, batch, n, stop, settings, weights)
+    recorder = Recorder(greedy)  # the fused row's distribution (combined with the rows beside, if any)
+    rows, outputs, stats, shares = decode_fused_shares(lm, dataset, batch, n, stop, settings, weights, recorder)
     seconds = (time.perf_counter() - start) / len(batch)
 
     def cost(row: list[Row], tokens: list[int]) -> dict:
@@ -202,7 +367,7 @@ def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: in
         return counts
     return [result_row(record, lm.tokenizer, tokens, paraphrases=record.paraphrases[:n],
                        prompts=[lm.tokenizer.decode(row[0].input_ids)], seconds=seconds, method="flex_attention",
-                       num_ensemble=n, **settings.row_fields(), **cost(row, tokens),
+                       num_ensemble=n, **settings.row_fields(), **cost(row, tokens), **recorder.fields(b),
                        **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}),
                        **({"attention_share": shares.shares(b)} if shares is not None else {}))
             for b, (record, row, tokens) in enumerate(zip(batch, rows, outputs))], stats

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from constants import REPO_DIR, WEBQA_SAMPLE_FILE, InputError, safe_name
+from constants import (DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, REPO_DIR, WEBQA_SAMPLE_FILE,
+                       InputError, safe_name)
 from dataset import Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
 from selection import Selection
 from decoding import LanguageModel, PrefixCache
@@ -346,8 +347,19 @@ def answer_all(todo: list[Record], answer_batch: Callable[[list[Record]], list[d
 
 # ---------------------------------------------------------------- the two kinds of job
 
-def logit_table_name(method: str, n: int) -> str:
+def logit_table_name(method: str, n: int, flags: dict | None = None) -> str:
+    """The table of a logit-level method; self-consistency's names its non-default settings (from `flags`,
+    the table's method flags)."""
+    if method == "self_consistency":
+        return self_consistency(flags or {}).table_name(n)
     return f"{method}.feather" if method in ("per_prompt", "origin") else f"ensemble_{method}-{n}.feather"
+
+
+def self_consistency(flags: dict, seed: int = 0):
+    """methods.SelfConsistency from a table's method flags (`logit_flags`) and the run's seed."""
+    from methods import SelfConsistency
+    return SelfConsistency(flags.get("sc_samples"), flags.get("sc_temperature", DEFAULT_SC_TEMPERATURE),
+                           flags.get("sc_top_p", DEFAULT_SC_TOP_P), flags.get("sc_prompts", DEFAULT_SC_PROMPTS), seed)
 
 
 def logit_count(method: str, num: int | None) -> int | None:
@@ -358,9 +370,11 @@ def logit_count(method: str, num: int | None) -> int | None:
     return None if method == "per_prompt" and num is None else num or DEFAULT_NUM_PARAPHRASES
 
 
-def logit_flags(method: str, num: int | None, confidence_samples: int) -> dict:
-    """generate.py's flags that change its answers, as its tables' settings keep them."""
-    return dict(method=method, num_ensemble=num, confidence_samples=confidence_samples)
+def logit_flags(method: str, num: int | None, confidence_samples: int, sc=None) -> dict:
+    """generate.py's flags that change its answers, as its tables' settings keep them; `sc`
+    (methods.SelfConsistency) for self_consistency only, so the other tables' settings stay as they were."""
+    extra = sc.flags(logit_count(method, num)) if sc is not None and method == "self_consistency" else {}
+    return dict(method=method, num_ensemble=num, confidence_samples=confidence_samples, **extra)
 
 
 def fusion_flags(settings, n: int, confidence_samples: int) -> dict:
@@ -372,12 +386,13 @@ def fusion_flags(settings, n: int, confidence_samples: int) -> dict:
 
 
 def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: str, num: int | None):
-    """One logit-level method's table (per_prompt, origin, avg, avg_prob, max, weighted_avg, weighted_max)."""
+    """One logit-level method's table (per_prompt, origin, avg, avg_prob, max, weighted_avg, weighted_max,
+    self_consistency)."""
     from confidence import check_cache, confidences
     from decoding import StopRule, eos_ids, single_rows
-    from methods import answer_ensemble, answer_per_prompt
+    from methods import answer_ensemble, answer_per_prompt, answer_self_consistency
     n = logit_count(method, num)
-    table = config.table(logit_table_name(method, n or 1), n or 1)
+    table = config.table(logit_table_name(method, n or 1, config.method_flags), n or 1)
     stop = StopRule(eos_ids(lm.model, lm.tokenizer), config.max_new_tokens)
 
     def count(record: Record) -> int:
@@ -388,6 +403,9 @@ def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: st
     def answer_batch(batch: list[Record]) -> list[dict]:
         if method in ("per_prompt", "origin"):
             return answer_per_prompt(lm, dataset, batch, n, stop, method)[0]
+        if method == "self_consistency":
+            return answer_self_consistency(lm, dataset, batch, n, stop, self_consistency(config.method_flags,
+                                                                                         config.seed))[0]
         if not method.startswith("weighted"):
             return answer_ensemble(lm, dataset, batch, n, stop, method)[0]
         conf = confidences(lm, dataset, batch, n, config.method_flags["confidence_samples"], stop, config.out_dir(),
@@ -447,14 +465,16 @@ def answer_table(lm: LanguageModel, questions: list[Record], method: str, n: int
                  batch_size: int = 8):
     """The scored result table of `method` over `questions`, in memory (nothing written), the model loaded
     once by the caller: `lm = load_lm(RunConfig(model="smollm2_135m_it"))`. method: per_prompt, origin, a
-    logit-level fusion (avg, avg_prob, max) or "flex_attention" (with `settings`, default FusionSettings());
-    n: paraphrases per question (per_prompt: None asks every one)."""
+    logit-level fusion (avg, avg_prob, max), "self_consistency" (with `settings`, default SelfConsistency()) or
+    "flex_attention" (with `settings`, default FusionSettings()); n: paraphrases per question (per_prompt: None
+    asks every one)."""
     import pandas as pd
 
     import scoring
     from decoding import StopRule, eos_ids
     from fusion import FusionSettings
-    from methods import FUSION_METHODS, answer_ensemble, answer_fused, answer_per_prompt
+    from methods import FUSION_METHODS, SelfConsistency, answer_ensemble, answer_fused, answer_per_prompt, \
+        answer_self_consistency
     dataset = Dataset("notebook", task, list(questions), list(few_shot))
     stop = StopRule(eos_ids(lm.model, lm.tokenizer), max_new_tokens)
     rows = []
@@ -466,6 +486,9 @@ def answer_table(lm: LanguageModel, questions: list[Record], method: str, n: int
             rows += answer_fused(lm, dataset, batch, n or 5, stop, settings or FusionSettings())[0]
         elif method in FUSION_METHODS and not method.startswith("weighted"):
             rows += answer_ensemble(lm, dataset, batch, n or 5, stop, method)[0]
+        elif method == "self_consistency":
+            rows += answer_self_consistency(lm, dataset, batch, n or 5, stop, settings or SelfConsistency())[0]
         else:
-            raise InputError(f"method {method!r}: choose per_prompt, origin, avg, avg_prob, max or flex_attention")
+            raise InputError(f"method {method!r}: choose per_prompt, origin, avg, avg_prob, max, self_consistency "
+                             f"or flex_attention")
     return scoring.score_frame(pd.DataFrame(rows))

@@ -5,6 +5,7 @@ import importlib.util
 import re
 import string
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -116,6 +117,15 @@ def answers_agree(greedy: str, samples: list[str]) -> list[bool]:
     answer's normalised lemmas contain the other's (`upstream_matched`). One batched lemmatiser call."""
     table = _lemma_map([greedy or "", *(s or "" for s in samples)])
     return [upstream_matched(table[greedy or ""], table[s or ""]) for s in samples]
+
+
+def vote(keys: list[str]) -> tuple[int, float]:
+    """The post-hoc majority vote over answers' keys (`normalize`d): (which answer it picks, the share of all the
+    answers that have its key). The most frequent non-empty key wins (an empty answer votes only when all are
+    empty); a tie goes to the earliest."""
+    counts = Counter(k for k in keys if k) or Counter(keys)
+    top = max(counts.values())
+    return next(i for i, k in enumerate(keys) if counts.get(k, 0) == top), top / len(keys)
 
 
 def score_frame(df: pd.DataFrame) -> pd.DataFrame:

@@ -11,7 +11,8 @@ import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWERS = {"q1": ["Paris"], "q2": ["Jamaican English"]}
-REPORT_FILES = ("report.md", "report.csv", "report.png", "report.pdf", "gain.md", "gain.csv", "questions.csv")
+REPORT_FILES = ("report.md", "report.csv", "report.png", "report.pdf", "gain.md", "gain.csv", "questions.csv",
+                "reliability.png", "reliability.pdf")
 
 
 def _table(method, n, uuids, predictions, seconds, tokens, paraphrase_index=None, **extra):

@@ -87,6 +87,8 @@ def common_flags() -> list[tuple[tuple[str, ...], dict]]:
         (("--model",), dict(default=EMBEDDED_MODEL, help="a model key, Hugging Face id or local folder")),
         (("--limit", "--max-samples", "--max_samples"), dict(
             dest="limit", type=int, help="answer only the first LIMIT questions (--max_samples: upstream's name)")),
+        (("--half",), dict(choices=["choose", "confirm"], help="jsonl: only the questions of this half of the "
+                                                               "study's protocol (their 'half' field)")),
         (("--batch-size", "--batch_size"), dict(type=int, default=8, help="questions per batch")),
         (("--max-new-tokens", "--max_new_tokens"), dict(type=int, default=DEFAULT_MAX_NEW_TOKENS)),
         (("--device",), dict(default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")),
@@ -249,8 +251,8 @@ def check_flags(args: argparse.Namespace) -> None:
     check_model_name(args.model)
 
 
-COMMON_FLAGS = ("dataset", "data_file", "task", "model", "limit", "batch_size", "max_new_tokens", "device", "dtype",
-                "device_map", "output_dir", "seed", "no_progress", "paraphrase_temperature", "paraphrase_top_p",
+COMMON_FLAGS = ("dataset", "data_file", "task", "model", "limit", "half", "batch_size", "max_new_tokens", "device",
+                "dtype", "device_map", "output_dir", "seed", "no_progress", "paraphrase_temperature", "paraphrase_top_p",
                 "paraphrases", "no_prefix_cache", "prompt_format", "indexs", "num_fewshot")
 NOT_ANSWER_FLAGS = ("lemmaize", "num", "top_k", "verbose")  # never part of a table's settings as flags
 

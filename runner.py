@@ -38,6 +38,7 @@ class RunConfig:
     task: str | None = None
     model: str = "smollm2_135m_it"
     limit: int | None = None
+    half: str | None = None
     batch_size: int = 8
     max_new_tokens: int = 16
     device: str = "auto"
@@ -101,6 +102,8 @@ class RunConfig:
         kept = ("dataset", "task", "model", "max_new_tokens", "seed", "paraphrase_temperature", "paraphrase_top_p",
                 "paraphrases", "prompt_format", "indexs")
         extra = {"selection": dataclasses.asdict(self.selection)} if self.selection else {}
+        if self.half is not None:  # a half's table is its own: never resumed as the other's
+            extra["half"] = self.half
         if self.num_fewshot is not None:
             extra["num_fewshot"] = self.num_fewshot
         return {**{k: getattr(self, k) for k in kept}, **extra, **self.method_flags}
@@ -147,7 +150,7 @@ def read_data(config: RunConfig, num_paraphrases: int) -> Dataset:
         with warnings_only_if_it_works():
             dataset = load_dataset_by_name(config.dataset, config.data_file, config.task, num_paraphrases, None,
                                            config.limit, paraphrase_set=config.paraphrases,
-                                           num_fewshot=config.num_fewshot)
+                                           num_fewshot=config.num_fewshot, half=config.half)
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                          f"save it as UTF-8") from None

@@ -321,6 +321,8 @@ def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: i
             train.append(record)
         else:
             records.append((record, row, f"{path}:{lineno}"))
+    if not seen:
+        raise InputError(f"{path}: no records")
     if not train:
         train, records = [record for record, _, _ in records[:k]], records[k:]
         if k:
@@ -332,8 +334,6 @@ def load_jsonl(path: Path, task: str = "qa", name: str = "jsonl", num_fewshot: i
     if not records:
         raise InputError(f"{path}: no questions left to answer after taking the few-shot examples"
                          + ("" if k == 0 else " (--num-fewshot 0 takes none)"))
-    if not seen:
-        raise InputError(f"{path}: no records")
     shots = [(r.paraphrases[0], r.answers[0] if r.answers else "") for r in train[:k]]
     return Dataset(name, task, records, shots, [r.paraphrases for r in train[:k]], source_sha256=digest.hexdigest())
 

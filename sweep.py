@@ -1,10 +1,13 @@
 """Sweep N and compare methods in one command, the model loaded once: per_prompt once (the first max-N
 paraphrases), then logit avg, avg_prob, max and attention-level fusion for N = min..max, then evaluate.py's
 report (accuracy against N with confidence bands, paired differences, the vote, the gain analysis). With
---study, the attention-level variants of STUDY_GRID at the largest N, as used to choose the defaults.
+--study, the attention-level variants of STUDY_GRID at the largest N and self-consistency: the choose half of the
+study's protocol; with --confirm PICK, its confirm half: the pick (evaluate.py --choose), the default, the baselines
+(the vote's single prompts, avg, self-consistency), the repeat control of each and the default's leave-one-out.
 
     python sweep.py --max-n 5                                               # the bundled sample
-    python sweep.py --study --dataset jsonl --data-file data/webqa_dev.jsonl --max-n 5 --output-dir results/study
+    python sweep.py --study --half choose --dataset jsonl --data-file data/webqa_dev.jsonl --min-n 5 --max-n 5
+    python sweep.py --confirm results/study/pick.json --half confirm --dataset jsonl --data-file ... --max-n 5
 
 It takes the commands' flags (data, model, decoding, fusion variant); every N is checked against the data
 before anything is written. Each table is resumable: running the sweep again skips what is finished.
@@ -20,7 +23,7 @@ from cli import add_fusion_flags, common_parser, fusion_settings, main_guard, pa
 from constants import REPO_DIR, InputError, safe_name
 from fusion import FusionSettings
 from models import resolve_device
-from runner import bind_model, fusion_flags, fusion_job, load_lm, logit_flags, logit_job, open_job
+from runner import bind_model, fusion_flags, fusion_job, load_lm, logit_flags, logit_job, open_job, self_consistency
 from selection import Selection
 
 LOGIT_SWEEP = ("avg", "avg_prob", "max")
@@ -33,10 +36,20 @@ STUDY_GRID = ([FusionSettings(bias="agreement"), FusionSettings(bias="shares"), 
               + [FusionSettings(positions=p, temperature=t) for p in ("left", "right") for t in (0.7, 1.4)]
               + [FusionSettings(positions=p, bias=b) for p in ("left", "right", "continuous") for b in ("none", "uniform")]
               + [FusionSettings(isolation="none"), FusionSettings(bias="-0.8"), FusionSettings(bias="-2.3")])
+# the grid's core, for a study on a CPU budget (--grid core): the bias's strength either way, the other positions,
+# the fused few-shot format and APE's temperature
+STUDY_CORE = [FusionSettings(bias="uniform"), FusionSettings(bias="none"), FusionSettings(bias="-2.3"),
+              FusionSettings(positions="right"), FusionSettings(fewshot="fused"), FusionSettings(temperature=0.7)]
+GRIDS = {"full": STUDY_GRID, "core": STUDY_CORE}
+
+
+REPEAT = Selection(1, repeat=True)  # the repeat control: one paraphrase per question, drawn, N times
 
 
 def plan(args, settings: FusionSettings) -> list[tuple[str, object, int, Selection | str | None]]:
     """Every job of the sweep, in order: (kind, method or fusion settings, N, paraphrase selection or --indexs)."""
+    if args.confirm:
+        return confirm_plan(args.max_n, settings, read_pick(args.confirm, settings))
     jobs: list[tuple[str, object, int, Selection | str | None]] = [("logit", "per_prompt", args.max_n, None)]
     for n in range(args.min_n, args.max_n + 1):
         jobs += [("logit", method, n, None) for method in LOGIT_SWEEP] + [("fusion", settings, n, None)]
@@ -45,12 +58,34 @@ def plan(args, settings: FusionSettings) -> list[tuple[str, object, int, Selecti
                 jobs += [("logit", "avg", n, chosen), ("fusion", settings, n, chosen)]
     if args.study:
         backend = dict(backend=settings.backend, compile=settings.compile)
-        jobs += [("fusion", replace(variant, **backend), args.max_n, None) for variant in STUDY_GRID
+        jobs += [("logit", "self_consistency", args.max_n, None)]
+        jobs += [("fusion", replace(variant, **backend), args.max_n, None) for variant in GRIDS[args.grid]
                  if replace(variant, **backend) != settings]
-        everyone = range(args.max_n)  # leave-one-out: each paraphrase left out once (--indexs, diversity/ tables)
-        jobs += [("fusion", settings, args.max_n - 1, ",".join(str(j) for j in everyone if j != i))
-                 for i in everyone] if args.max_n > 1 else []
     return jobs
+
+
+def confirm_plan(n: int, default: FusionSettings, pick: FusionSettings) -> list[tuple[str, object, int, object]]:
+    """The confirm half: the single prompts (the vote), avg, self-consistency, the default and the pick, the repeat
+    control of avg, the default and the pick, then the default's leave-one-out (each paraphrase dropped in turn)."""
+    fused = [default] + ([pick] if pick != default else [])
+    jobs = [("logit", "per_prompt", n, None), ("logit", "avg", n, None), ("logit", "self_consistency", n, None)]
+    jobs += [("fusion", settings, n, None) for settings in fused]
+    jobs += [("logit", "avg", n, REPEAT)] + [("fusion", settings, n, REPEAT) for settings in fused]
+    everyone = range(n)  # --indexs: upstream's diversity/ tables
+    return jobs + [("fusion", default, n - 1, ",".join(str(j) for j in everyone if j != i)) for i in everyone
+                   ] if n > 1 else jobs
+
+
+def read_pick(path: str, default: FusionSettings) -> FusionSettings:
+    """The pick of evaluate.py --choose (pick.json) as FusionSettings on the run's backend."""
+    import json
+    try:
+        pick = json.loads(Path(path).read_text(encoding="utf-8"))
+        return replace(default, **{**FusionSettings().__dict__, **pick["settings"],
+                                   "backend": default.backend, "compile": default.compile})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"--confirm {path}: not a pick file of evaluate.py --choose ({type(err).__name__}: "
+                         f"{str(err)[:100]})") from None
 
 
 def describe(job: tuple[str, object, int, Selection | str | None]) -> str:
@@ -66,20 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     add_fusion_flags(p)
     p.add_argument("--min-n", type=int, default=2)
     p.add_argument("--max-n", type=int, default=5, help="largest N (upstream's ensemble.sh: 6)")
-    p.add_argument("--study", action="store_true", help="also the attention-level variants at --max-n")
+    p.add_argument("--study", action="store_true", help="also self-consistency and the attention-level variants at "
+                   "--max-n (the protocol's choose half)")
+    p.add_argument("--grid", choices=list(GRIDS), default="full", help="with --study: every variant (full) or "
+                   "the core of the grid (core: six variants, for a CPU budget)")
+    p.add_argument("--confirm", metavar="PICK", help="the protocol's confirm half at --max-n: the pick file's variant "
+                   "(evaluate.py --choose), the default, the baselines, their repeat controls, leave-one-out")
     p.add_argument("--samples", type=int, metavar="S", help="also S sampled selections of N paraphrases per question "
                    "(avg and fusion), and the repeat control, for every N (upstream's synced samples)")
     p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
     args = parse(p, argv)
     if not 1 <= args.min_n <= args.max_n:
         raise InputError(f"--min-n {args.min_n} / --max-n {args.max_n}: need 1 <= min <= max")
+    if args.confirm and (args.study or args.samples):
+        raise InputError("--confirm runs the confirm half alone: drop --study and --samples")
     args.output_dir = args.output_dir or str(REPO_DIR / "results" / "sweep" / args.dataset /
                                              safe_name(Path(args.model).name))
     settings, _ = fusion_settings(args, resolve_device(args.device))
     jobs = plan(args, settings)
     opened = []
     for kind, what, n, chosen in jobs:  # every job's data and output checked before the model loads or anything is written
-        flags = (logit_flags(what, n, args.confidence_samples) if kind == "logit"
+        sc = self_consistency({}, args.seed) if what == "self_consistency" else None
+        flags = (logit_flags(what, n, args.confidence_samples, sc) if kind == "logit"
                  else fusion_flags(what, n, args.confidence_samples))
         config = run_config(args, **flags)
         config = replace(config, indexs=chosen) if isinstance(chosen, str) else replace(config, selection=chosen)

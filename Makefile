@@ -44,22 +44,31 @@ bench: model
 sweep: model
 	$(BIN)/python sweep.py --max-n $(N) --samples 3
 
-# make study: the baselines and every attention-level variant (sweep.py --study: the candidates, positions, bias,
-# temperature, few-shot format, isolation, numeric bias, leave-one-out) at N=5 on the WebQuestions dev set (300
-# questions) and, when MYRIADLAMA_DEV names a JSONL of MyriadLAMA facts (manual templates first), on it with
-# --task mask; then results/study/study.md, both sets side by side on exact match (docs/study.md)
+# make study: the protocol of docs/study.md at N=$(N) on $(MODEL) (MODEL=gemma3_270m: the second model, installed by
+# make gemma): the grid (GRID=full, or core for a CPU budget) on the choose half of the WebQuestions dev set and, when
+# MYRIADLAMA_DEV names a JSONL of MyriadLAMA dev facts with their halves, of that one too (--task mask); evaluate.py
+# --choose picks one variant by its rule into $(STUDY_DIR)/pick.json; then the pick, the default, the baselines, their
+# repeat controls and the default's leave-one-out on the confirm halves; results in $(STUDY_DIR)/study.md (.csv, .png,
+# .pdf) on exact match
+MODEL ?= smollm2_135m_it
+GRID ?= full
 MYRIADLAMA_DEV ?=
-STUDY_DIR ?= results/study
+STUDY_DIR ?= results/study/$(MODEL)
 STUDY_ARGS ?=
-STUDY_SETS = $(STUDY_DIR)/webqa_dev $(if $(MYRIADLAMA_DEV),$(STUDY_DIR)/myriadlama_dev)
-study: model
-	$(BIN)/python sweep.py --study --dataset jsonl --data-file data/webqa_dev.jsonl --min-n $(N) --max-n $(N) \
-	  --output-dir $(STUDY_DIR)/webqa_dev $(STUDY_ARGS)
-	@if [ -n "$(MYRIADLAMA_DEV)" ]; then \
-	  $(BIN)/python sweep.py --study --dataset jsonl --task mask --data-file $(MYRIADLAMA_DEV) --min-n $(N) --max-n $(N) \
-	    --output-dir $(STUDY_DIR)/myriadlama_dev $(STUDY_ARGS); \
-	else echo "study: set MYRIADLAMA_DEV=<facts.jsonl> for the second dev set"; fi
-	$(BIN)/python evaluate.py --study $(STUDY_SETS) --output-dir $(STUDY_DIR) --metric exact
+STUDY_SETS = webqa_dev $(if $(MYRIADLAMA_DEV),myriadlama_dev)
+STUDY_DATA_webqa_dev = --data-file data/webqa_dev.jsonl
+STUDY_DATA_myriadlama_dev = --task mask --data-file $(MYRIADLAMA_DEV)
+STUDY_RUN = $(BIN)/python sweep.py --dataset jsonl --min-n $(N) --max-n $(N) --model $(MODEL) $(STUDY_ARGS)
+study: model $(if $(filter gemma3_270m,$(MODEL)),gemma)
+	@$(if $(MYRIADLAMA_DEV),,echo "study: set MYRIADLAMA_DEV=<facts.jsonl> for the second dev set")
+	$(foreach set,$(STUDY_SETS),$(STUDY_RUN) --study --grid $(GRID) --half choose $(STUDY_DATA_$(set)) \
+	  --output-dir $(STUDY_DIR)/$(set)/choose &&) true
+	$(BIN)/python evaluate.py --choose $(foreach set,$(STUDY_SETS),$(STUDY_DIR)/$(set)/choose) --output-dir $(STUDY_DIR) \
+	  --metric exact
+	$(foreach set,$(STUDY_SETS),$(STUDY_RUN) --confirm $(STUDY_DIR)/pick.json --half confirm $(STUDY_DATA_$(set)) \
+	  --output-dir $(STUDY_DIR)/$(set)/confirm &&) true
+	$(BIN)/python evaluate.py --study $(foreach set,$(STUDY_SETS),$(STUDY_DIR)/$(set)/confirm) --pick $(STUDY_DIR)/pick.json \
+	  --output-dir $(STUDY_DIR) --metric exact
 
 # make gpu-check: on one CUDA GPU, in under 8 minutes: the tests marked cuda, then benchmarks/gpu_check.py (the
 # timing table, also as benchmarks/results/gpu_check.json). It uses .venv where there is one, else $(PYTHON) as it

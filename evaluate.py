@@ -1382,12 +1382,40 @@ def study_title(results_dirs: Sequence[Path], metric: str, half: str) -> str:
     return f"{', '.join(sorted(models))}, N={', '.join(sorted(ns))}, {metric} match, {half} halves"
 
 
-def study_markdown(tables: dict[str, pd.DataFrame], metric: str, title: str, half: str, pick: dict | None) -> str:
-    """study.md: the pick, one table per dev set, then what held on all of them."""
+def dropped_index(path: Path) -> int:
+    """Which paraphrase a leave-one-out table (flex_attention-0,1,3,4.feather) leaves out."""
+    kept = {int(i) for i in path.stem.split("-")[1].split(",")}
+    return min(set(range(len(kept) + 1)) - kept)
+
+
+def leave_one_out(results_dir: Path, analysis: Analysis) -> pd.DataFrame:
+    """The default with each paraphrase dropped in turn (the diversity/ tables of sweep.py --confirm): accuracy and
+    the paired comparison with the default at N, per paraphrase left out."""
+    scores = analysis.scores
+    rows = []
+    for path in sorted((Path(results_dir) / "diversity").glob("flex_attention-*.feather"), key=dropped_index):
+        kept = [int(i) for i in path.stem.split("-")[1].split(",")]
+        n = len(kept) + 1
+        default = scores.get((DEFAULT_FUSION, n))
+        q = question_scores(_scored(_read_table(path)), analysis.metric)
+        c = compared(q, default)
+        columns = {**_interval_columns("vs default", [c and c.difference]), **_comparison_columns("", [c])}
+        rows.append({"left out": f"paraphrase {dropped_index(path)}", "N": len(kept),
+                     "accuracy": float(q.mean()), **{k: v[0] for k, v in columns.items()}})
+    return pd.DataFrame(rows)
+
+
+def study_markdown(tables: dict[str, pd.DataFrame], metric: str, title: str, half: str, pick: dict | None,
+                   dropped: dict[str, pd.DataFrame]) -> str:
+    """study.md: the pick, one table per dev set (and its leave-one-out), then what held on all of them."""
     parts = [f"# The study: {title}\n\n{STUDY_HEADER.format(metric=metric, half=half, few=FEW_DISCORDANT)}\n"]
     if pick is not None:
         parts.append(f"\n{pick_verdict(pick, tables)}\n")
-    parts += [f"\n## {name}\n\n{format_markdown(t[list(STUDY_COLUMNS)])}\n" for name, t in tables.items()]
+    for name, t in tables.items():
+        parts.append(f"\n## {name}\n\n{format_markdown(t[list(STUDY_COLUMNS)])}\n")
+        if not dropped[name].empty:
+            columns = ["left out", "N", "accuracy", "vs default", "b, c", "p"]
+            parts.append(f"\nLeave-one-out (uncorrected p):\n\n{format_markdown(dropped[name][columns])}\n")
     parts.append(f"\n## What held on all\n\n{format_markdown(held_on_all(tables))}\n")
     return "".join(parts)
 
@@ -1428,17 +1456,18 @@ def study_figure(tables: dict[str, pd.DataFrame], title: str):
                 ax.annotate(str(row[counts]).replace(", ", ":").replace(" (few)", " few"), (x, y),
                             xytext=(5, 3), textcoords="offset points", fontsize=7, color=color)
         ax.axvline(0, color=GREY, linewidth=1)
+        ax.margins(x=0.15)  # room for the b:c labels right of the markers
         ax.set_title(panel)
-        ax.set_xlabel("paired difference (points, 95% interval); b:c discordant questions; hollow: < "
-                      f"{FEW_DISCORDANT} discordant")
+        ax.set_xlabel("paired difference (points, 95% interval)")
         ax.grid(axis="x", alpha=0.3)
     several_n = len({n for _, n in order}) > 1
     names = [f"{m} (the default)" if m == DEFAULT_FUSION else m for m, _ in order]
     axes[0].set_yticks(range(len(order)), [f"{m} (N={n})" if several_n else m for m, (_, n) in zip(names, order)])
     axes[0].set_ylim(-0.6, len(order) - 0.4)
     handles = [axes[0].plot([], [], "o", color=c)[0] for c in palette[:len(keyed)]]
-    fig.legend(handles, list(keyed), loc="outside upper center", ncols=len(keyed), frameon=False)
-    fig.suptitle(title)
+    fig.legend(handles, list(keyed), loc="outside lower center", ncols=len(keyed), frameon=False)
+    fig.suptitle(f"{title}\nb:c = discordant questions (only this method right : only the other right); hollow = "
+                 f"fewer than {FEW_DISCORDANT} discordant, no interval drawn", fontsize=10)
     return fig
 
 
@@ -1467,7 +1496,8 @@ def write_study(results_dirs: Sequence[Path], output_dir: Path, metric: str, pic
     keep = ["dataset", "method", "N", "questions", "accuracy", "ci_low", "ci_high",
             *(f"{s}{end}" for s in ("vs_vote", "vs_default", "diversity_gain") for end in ("", "_low", "_high")),
             "b, c", "p", "p (Holm)", "verdict", "b, c control", "p control", "model tokens/question"]
-    _write_text(output_dir / "study.md", study_markdown(tables, metric, title, half, pick))
+    dropped = {name: leave_one_out(d, analyses[name]) for name, d in zip(names, results_dirs)}
+    _write_text(output_dir / "study.md", study_markdown(tables, metric, title, half, pick, dropped))
     _write_csv(output_dir / "study.csv", numeric[keep])
     fig = study_figure(tables, title)
     for kind in ("png", "pdf"):

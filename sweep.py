@@ -1,7 +1,7 @@
 """Sweep N and compare methods in one command, the model loaded once: per_prompt once (the first max-N
 paraphrases), then logit avg, avg_prob, max and attention-level fusion for N = min..max, then evaluate.py's
 report (accuracy against N with confidence bands, paired differences, the vote, the gain analysis). With
---study, the attention-level variants of STUDY_GRID at the largest N and self-consistency: the choose half of the
+--study, the default and the attention-level variants of STUDY_GRID at the largest N instead: the choose half of the
 study's protocol; with --confirm PICK, its confirm half: the pick (evaluate.py --choose), the default, the baselines
 (the vote's single prompts, avg, self-consistency), the repeat control of each and the default's leave-one-out.
 
@@ -50,18 +50,23 @@ def plan(args, settings: FusionSettings) -> list[tuple[str, object, int, Selecti
     """Every job of the sweep, in order: (kind, method or fusion settings, N, paraphrase selection or --indexs)."""
     if args.confirm:
         return confirm_plan(args.max_n, settings, read_pick(args.confirm, settings))
+    if args.study:
+        return choose_plan(args.max_n, settings, GRIDS[args.grid])
     jobs: list[tuple[str, object, int, Selection | str | None]] = [("logit", "per_prompt", args.max_n, None)]
     for n in range(args.min_n, args.max_n + 1):
         jobs += [("logit", method, n, None) for method in LOGIT_SWEEP] + [("fusion", settings, n, None)]
         if args.samples:  # which paraphrases, not only how many: S selections, and the repeat control
             for chosen in (Selection(args.samples), Selection(args.samples, repeat=True)):
                 jobs += [("logit", "avg", n, chosen), ("fusion", settings, n, chosen)]
-    if args.study:
-        backend = dict(backend=settings.backend, compile=settings.compile)
-        jobs += [("logit", "self_consistency", args.max_n, None)]
-        jobs += [("fusion", replace(variant, **backend), args.max_n, None) for variant in GRIDS[args.grid]
-                 if replace(variant, **backend) != settings]
     return jobs
+
+
+def choose_plan(n: int, default: FusionSettings, grid: list[FusionSettings]) -> list[tuple[str, object, int, None]]:
+    """The choose half searches the attention-level variants only: the default and the grid at N (every comparison
+    with the baselines is made on the confirm half)."""
+    backend = dict(backend=default.backend, compile=default.compile)
+    variants = [default] + [replace(v, **backend) for v in grid if replace(v, **backend) != default]
+    return [("fusion", settings, n, None) for settings in variants]
 
 
 def confirm_plan(n: int, default: FusionSettings, pick: FusionSettings) -> list[tuple[str, object, int, object]]:
@@ -101,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     add_fusion_flags(p)
     p.add_argument("--min-n", type=int, default=2)
     p.add_argument("--max-n", type=int, default=5, help="largest N (upstream's ensemble.sh: 6)")
-    p.add_argument("--study", action="store_true", help="also self-consistency and the attention-level variants at "
-                   "--max-n (the protocol's choose half)")
+    p.add_argument("--study", action="store_true", help="the default and the attention-level variants at --max-n "
+                   "(the protocol's choose half)")
     p.add_argument("--grid", choices=list(GRIDS), default="full", help="with --study: every variant (full) or "
                    "the core of the grid (core: six variants, for a CPU budget)")
     p.add_argument("--confirm", metavar="PICK", help="the protocol's confirm half at --max-n: the pick file's variant "

@@ -552,84 +552,104 @@ def test_every_fusion_setting_that_differs_from_the_defaults_is_in_its_label(tmp
 
 # ---------------------------------------------------------------------------------------------- the study
 
-def _study_set(folder: Path, right: dict[str, list[int]]) -> Path:
-    """A dev set of 4 questions at N=2: per_prompt (paraphrase 0 answers "x", right, where `right` says, else
-    "y"; paraphrase 1 always "y"), avg, the default fusion and one variant, each right ("x") where `right` says."""
-    folder.mkdir()
-    uuids = ["q1", "q2", "q3", "q4"]
-    answers = {u: ["x"] for u in uuids}
+QUESTIONS = [f"q{i:02d}" for i in range(30)]
+
+
+def _study_set(folder: Path, right: dict[str, set[int]], n: int = 2) -> Path:
+    """A dev set of 30 questions at N=2: per_prompt (paraphrase 0 right where `right` says, paraphrase 1 never),
+    avg, the default fusion, flex[right] and the default's repeat control, each right where `right` says."""
+    folder.mkdir(parents=True)
+    answers = {u: ["x"] for u in QUESTIONS}
     singles = right.pop("per_prompt")
-    _pp(answers, {u: ["x" if singles[i] else "y", "y"] for i, u in enumerate(uuids)},
-        {u: [bool(singles[i]), False] for i, u in enumerate(uuids)}).to_feather(folder / "per_prompt.feather")
-    for name, (method, extra) in {"ensemble_avg-2": ("avg", {}),
-                                  "flex_attention-2": ("flex_attention", {"positions": "left"}),
-                                  "flex_attention-2-right": ("flex_attention", {"positions": "right"})}.items():
-        label = "flex[right]" if extra.get("positions") == "right" else method
-        _ensemble(method, 2, answers, {u: "x" if r else "y" for u, r in zip(uuids, right[label])},
-                  {u: bool(r) for u, r in zip(uuids, right[label])}, **extra).to_feather(folder / f"{name}.feather")
+    _pp(answers, {u: ["x" if i in singles else "y", "y"] for i, u in enumerate(QUESTIONS)},
+        {u: [i in singles, False] for i, u in enumerate(QUESTIONS)}).to_feather(folder / "per_prompt.feather")
+    tables = {"ensemble_avg-2": ("avg", "avg", {}), "flex_attention-2": ("flex_attention", "flex_attention", {}),
+              "flex_attention-2-right": ("flex[right]", "flex_attention", {"positions": "right"}),
+              "syncedsample_flex_attention-2paras-1samples-repeat": (
+                  "flex[S1,repeat]", "flex_attention", {"sample_index": 0, "paraphrase_indices": [[0, 0]] * 30})}
+    for name, (label, method, extra) in tables.items():
+        if label not in right:
+            continue
+        hits = {u: i in right[label] for i, u in enumerate(QUESTIONS)}
+        _ensemble(method, n, answers, {u: "x" if r else "y" for u, r in hits.items()}, hits,
+                  **extra).to_feather(folder / f"{name}.feather")
     return folder
 
 
-def test_the_study_pairs_every_method_with_the_default_on_each_set_and_says_what_held(tmp_path):
-    """Set A: the variant right on q1-q3 where the default is right on q1 only: +0.5 on A; set B: the variant
-    and the default both right on q1: 0 on B, so at least as good on all, not better. avg loses on A
-    (-0.25: right on none where the default has q1)."""
-    a = _study_set(tmp_path / "set_a", {"per_prompt": [1, 0, 0, 0], "avg": [0, 0, 0, 0],
-                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 1, 1, 0]})
-    b = _study_set(tmp_path / "set_b", {"per_prompt": [1, 1, 0, 0], "avg": [1, 0, 0, 0],
-                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 0, 0, 0]})
+def both_sets(tmp_path: Path) -> tuple[Path, Path]:
+    """Set A: flex[right] right on q0-q19 where the default has q0-q4 (b 15, c 0); avg as the default; the default's
+    repeat control right on q0-q1. Set B: flex[right] and the default alike (q0-q4)."""
+    a = _study_set(tmp_path / "set_a" / "confirm", {"per_prompt": set(range(3)), "avg": set(range(5)),
+                                                    "flex_attention": set(range(5)), "flex[right]": set(range(20)),
+                                                    "flex[S1,repeat]": {0, 1}})
+    b = _study_set(tmp_path / "set_b" / "confirm", {"per_prompt": set(range(3)), "avg": set(range(4)),
+                                                    "flex_attention": set(range(5)), "flex[right]": set(range(5))})
+    return a, b
+
+
+def test_the_study_reports_discordant_counts_exact_tests_holm_and_the_diversity_gain(tmp_path):
+    from significance import holm, mcnemar_exact
+    a, b = both_sets(tmp_path)
     out = tmp_path / "study"
     assert evaluate.main(["--study", str(a), str(b), "--output-dir", str(out), "--metric", "exact"]) == 0
     rows = pd.read_csv(out / "study.csv").set_index(["dataset", "method"])
-    assert rows.loc[("set_a", "flex[right]"), "vs_default"] == pytest.approx(0.5)
-    assert rows.loc[("set_b", "flex[right]"), "vs_default"] == pytest.approx(0.0)
-    assert rows.loc[("set_a", "avg"), "vs_default"] == pytest.approx(-0.25)
-    assert rows.loc[("set_a", "per_prompt"), "accuracy"] == pytest.approx(0.125)  # the mean single prompt
-    assert rows.loc[("set_b", "per_prompt"), "oracle"] == pytest.approx(0.5)
-    assert rows.loc[("set_a", "flex[right]"), "vs_vote"] == pytest.approx(0.5)    # the vote of (x, y): x, q1 right
-    held = evaluate.held_on_all({name: evaluate.study_rows(evaluate.analyse(d, "exact"))
-                                 for name, d in (("set_a", a), ("set_b", b))}).set_index("method")
-    assert held.loc["flex[right]", "verdict"] == "at least as good on all"
-    assert held.loc["flex_attention", "verdict"] == "the default"
+    right = rows.loc[("set_a", "flex[right]")]
+    assert right["vs_default"] == pytest.approx(0.5) and right["b, c"] == "15, 0" and right["verdict"] == "better"
+    assert right["p"] == pytest.approx(mcnemar_exact(15, 0), rel=0.01)  # 3 significant digits
+    raw = {key: rows.loc[key, "p"] for key in rows.index if not pd.isna(rows.loc[key, "p"])}
+    corrected = dict(zip(raw, holm(list(raw.values()))))  # Holm over every comparison with the default, both sets
+    assert all(rows.loc[k, "p (Holm)"] == pytest.approx(p, rel=0.01) for k, p in corrected.items())
+    assert rows.loc[("set_a", "avg"), "verdict"] == "not separated" and "(few)" in rows.loc[("set_a", "avg"), "b, c"]
+    assert rows.loc[("set_b", "flex[right]"), "verdict"] == "not separated"
+    default = rows.loc[("set_a", "flex_attention")]
+    assert default["diversity_gain"] == pytest.approx(0.1) and default["b, c control"] == "3, 0 (few)"
     text = (out / "study.md").read_text()
-    assert "## set_a" in text and "## set_b" in text and "at least as good on all" in text
+    assert text.startswith("# The study: ") and "confirm half" in text and "## set_a" in text
+    assert "| better on set_a; not separated on set_b |" in text  # what held on all
 
 
-def test_the_verdict_needs_every_interval_above_zero_to_be_better():
-    assert evaluate.verdict([(0.1, 0.01, 0.2), (0.2, 0.1, 0.3)], ["a", "b"]) == "better on all"
-    assert evaluate.verdict([(0.1, 0.01, 0.2), (0.1, -0.1, 0.3)], ["a", "b"]) == "at least as good on all"
-    assert evaluate.verdict([(0.1, 0.01, 0.2), (-0.1, -0.2, -0.01)], ["a", "b"]) == "worse on b"
-    assert evaluate.verdict([(0.1, 0.01, 0.2), (-0.1, -0.2, 0.1)], ["a", "b"]) == "mixed"
-    assert evaluate.verdict([(0.1, 0.01, 0.2), None], ["a", "b"]) == ""
+def test_the_pick_is_the_best_variant_on_average_only_if_it_beats_the_default(tmp_path):
+    import json
+
+    import sweep
+    from fusion import FusionSettings
+    a = _study_set(tmp_path / "a" / "choose", {"per_prompt": set(), "flex_attention": set(range(5)),
+                                               "flex[right]": set(range(9))})
+    b = _study_set(tmp_path / "b" / "choose", {"per_prompt": set(), "flex_attention": set(range(5)),
+                                               "flex[right]": set(range(3))})
+    assert evaluate.main(["--choose", str(a), str(b), "--output-dir", str(tmp_path), "--metric", "exact"]) == 0
+    pick = json.loads((tmp_path / "pick.json").read_text())
+    assert pick["pick"] == "flex[right]" and pick["settings"]["positions"] == "right" and pick["sets"] == ["a", "b"]
+    assert pick["candidates"]["flex[right]"]["mean"] == pytest.approx(0.2)  # (9 + 3) / 2 / 30 > 5 / 30
+    assert sweep.read_pick(str(tmp_path / "pick.json"), FusionSettings()) == FusionSettings(positions="right")
+    worse = _study_set(tmp_path / "c" / "choose", {"per_prompt": set(), "flex_attention": set(range(5)),
+                                                   "flex[right]": set(range(4))})
+    assert evaluate.pick_default([worse], "exact")["pick"] == "flex_attention"  # no variant beat it: it stays
+
+
+def test_the_study_figure_names_what_it_shows_and_flags_few_discordant_questions(tmp_path):
+    a, b = both_sets(tmp_path)
+    evaluate.write_study([a, b], tmp_path / "out", "exact")
+    assert (tmp_path / "out" / "study.png").stat().st_size > 10_000 and (tmp_path / "out" / "study.pdf").exists()
+    tables = {name: evaluate.study_rows(evaluate.analyse(d, "exact")) for name, d in (("set_a", a), ("set_b", b))}
+    fig = evaluate.study_figure(tables, "a model, N=2, exact match, confirm halves")
+    left, right = fig.axes
+    assert fig._suptitle.get_text().startswith("a model, N=2, exact match, confirm halves\nb:c = discordant")
+    labels = [t.get_text() for t in left.get_yticklabels()]
+    assert labels[-1] == "flex[right]" and "flex_attention (the default)" in labels
+    bars = [c for c in left.containers]  # set_a's flex[right] (15 discordant) is drawn with its interval...
+    assert any(50.0 in list(c.lines[0].get_xdata()) for c in bars)
+    hollow = [line for line in left.lines if line.get_markerfacecolor() == "none"]
+    assert hollow  # ...avg's and set_b's, on fewer than 10 discordant questions, hollow without a bar
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["set_a", "set_b"]
 
 
 def test_the_study_needs_an_output_dir_and_distinct_set_names(tmp_path, capsys):
-    a = _study_set(tmp_path / "set_a", {"per_prompt": [1, 0, 0, 0], "avg": [0] * 4, "flex_attention": [1, 0, 0, 0],
-                                        "flex[right]": [1, 0, 0, 0]})
+    a, _ = both_sets(tmp_path)
     assert evaluate.main(["--study", str(a)]) == 2
     assert "--output-dir" in capsys.readouterr().err
-    (tmp_path / "other").mkdir()
     twin = tmp_path / "other" / "set_a"
-    twin.symlink_to(a)
+    twin.parent.mkdir()
+    twin.symlink_to(a.parent)
     assert evaluate.main(["--study", str(a), str(twin), "--output-dir", str(tmp_path / "o")]) == 2
     assert "distinct" in capsys.readouterr().err and not (tmp_path / "o").exists()
-
-
-def test_the_study_figure_sorts_methods_by_their_gain_and_draws_one_interval_per_set(tmp_path):
-    a = _study_set(tmp_path / "set_a", {"per_prompt": [1, 0, 0, 0], "avg": [0, 0, 0, 0],
-                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 1, 1, 0]})
-    b = _study_set(tmp_path / "set_b", {"per_prompt": [1, 1, 0, 0], "avg": [1, 0, 0, 0],
-                                        "flex_attention": [1, 0, 0, 0], "flex[right]": [1, 1, 0, 0]})
-    tables = {name: evaluate.study_rows(evaluate.analyse(d, "exact")) for name, d in (("set_a", a), ("set_b", b))}
-    fig = evaluate.study_figure(tables, "exact")
-    left, right = fig.axes
-    labels = [t.get_text() for t in left.get_yticklabels()]
-    # mean vs default: flex[right] +0.375, vote +0.125 (0 on a, +0.25 on b), the default 0, avg -0.125
-    assert labels[-1] == "flex[right]" and labels.index("flex_attention (default)") > labels.index("avg")
-    for ax in (left, right):
-        assert len(ax.containers) == 2 and ax.get_xlabel().startswith("paired difference in exact match")
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["set_a", "set_b"]
-    points = left.containers[0].lines[0].get_xdata()  # set_a, vs default, in points: avg -25, vote, flex[right] +50
-    assert 50.0 in list(points) and -25.0 in list(points)
-    evaluate.write_study([a, b], tmp_path / "out", "exact")
-    assert (tmp_path / "out" / "study.png").stat().st_size > 10_000

@@ -75,27 +75,38 @@ def mask_facts(path: Path) -> Path:
     """A few facts in the MyriadLAMA dev facts' format (JSONL, [MASK] prompts, the first rows the examples)."""
     facts = [("France", "Paris", "train"), ("Japan", "Tokyo", "train"), ("Italy", "Rome", "train"),
              ("Spain", "Madrid", "test"), ("Peru", "Lima", "test")]
-    rows = [{"uuid": f"fact{i}", "paraphrases": [t.format(x) for t in TEMPLATES], "answers": [y], "split": split}
+    rows = [{"uuid": f"fact{i}", "paraphrases": [t.format(x) for t in TEMPLATES], "answers": [y], "split": split,
+             **({"half": ("choose", "confirm")[i % 2]} if split == "test" else {})}
             for i, (x, y, split) in enumerate(facts)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
-def test_make_study_on_both_dev_sets(tmp_path):
-    """`make study` as the Makefile has it (N = 5, the whole grid), one question per set; a few facts in their
-    format stand in for the MyriadLAMA dev facts."""
+def test_make_study_runs_the_protocol_on_both_dev_sets(tmp_path):
+    """`make study` as the Makefile has it (N = 5, the whole grid): choose halves, the pick, confirm halves, on
+    one question per half; a few facts in their format, with their halves, stand in for the MyriadLAMA dev facts."""
     bin_dir = os.path.dirname(sys.executable)
     facts = mask_facts(tmp_path / "facts.jsonl")
     done = subprocess.run(["make", "-s", "-o", "model", "study", f"BIN={bin_dir}", f"STUDY_DIR={tmp_path}",
-                           "STUDY_ARGS=--limit 1 --no-progress", f"MYRIADLAMA_DEV={facts}"],
+                           "STUDY_ARGS=--limit 1 --no-progress --max-new-tokens 4", f"MYRIADLAMA_DEV={facts}"],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     for dev_set in ("webqa_dev", "myriadlama_dev"):
-        assert len(list((tmp_path / dev_set).glob("flex_attention-*.feather"))) == 21  # the default and 20 variants
-        assert len(list((tmp_path / dev_set / "diversity").glob("flex_attention-*.feather"))) == 5  # each left out
+        from sweep import STUDY_GRID  # the choose half: the default and every variant of the grid, nothing else
+        assert {p.name for p in (tmp_path / dev_set / "choose").glob("*.feather")} == {
+            "flex_attention-5.feather", *(v.table_name(5) for v in STUDY_GRID)}
+        confirm = tmp_path / dev_set / "confirm"
+        assert {p.name for p in confirm.glob("*.feather")} >= {"per_prompt.feather", "ensemble_avg-5.feather",
+                                                              "ensemble_self_consistency-5.feather",
+                                                              "flex_attention-5.feather"}
+        assert len(list(confirm.glob("syncedsample_*-repeat.feather"))) >= 2  # the repeat controls
+        assert len(list((confirm / "diversity").glob("flex_attention-*.feather"))) == 5  # each left out
+    pick = json.loads((tmp_path / "pick.json").read_text())
+    assert pick["rule"] and pick["reason"] and pick["pick"] in pick["candidates"]
     study = (tmp_path / "study.md").read_text()
-    assert "## webqa_dev" in study and "## myriadlama_dev" in study and "flex[beside_prior,w0.5]" in study
+    assert "confirm halves" in study and "## webqa_dev" in study and "## myriadlama_dev" in study
+    assert "Leave-one-out" in study and (tmp_path / "study.pdf").exists()
 
 
 def test_readme_notebook_snippet_runs():

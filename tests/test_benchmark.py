@@ -149,3 +149,18 @@ def test_cost_plot_draws_the_benchmarks_curves(bench_run, tmp_path):
     lines = plot.curves(plot.read_rows(out / "bench_ensemble.json"))
     assert set(lines) == {(m, b, MAX_NEW) for m in ("logit_avg", "attn_sdpa") for b in (1, 2)}
     assert [r["N"] for r in lines[("attn_sdpa", 1, MAX_NEW)]] == [1, N, 6, 50]
+
+
+def test_step_cost_counts_the_weight_matrices_of_a_token():
+    """tiny-llama by hand: per layer q and o 64x64 each, k and v 64x32 each (2 of 4 heads' width), the MLP 3 x 64x128;
+    two layers; the output head 64 x the vocabulary."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_cost
+    from models import tiny_model
+    model, tokenizer = tiny_model("llama")
+    costs = step_cost.token_costs(model.config)
+    assert costs["layers"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    assert costs["head"] == 64 * len(tokenizer) and costs["decode step"] == costs["layers"] + costs["head"]
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_cost.py"), "--model", "tiny-llama",
+                          "--model", "tiny-gemma3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "| tiny-llama | 0.1 |" in out.stdout and "tiny-gemma3 against tiny-llama" in out.stdout

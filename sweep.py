@@ -70,12 +70,14 @@ def choose_plan(n: int, default: FusionSettings, grid: list[FusionSettings]) -> 
 
 
 def confirm_plan(n: int, default: FusionSettings, pick: FusionSettings) -> list[tuple[str, object, int, object]]:
-    """The confirm half: the single prompts (the vote), avg, self-consistency, the default and the pick, the repeat
-    control of avg, the default and the pick, then the default's leave-one-out (each paraphrase dropped in turn)."""
+    """The confirm half, the comparisons that decide first (a run cut short keeps them): the default and the pick,
+    the single prompts (the vote), avg, the fused rows' repeat controls, then self-consistency, avg's repeat
+    control and the default's leave-one-out (each paraphrase dropped in turn)."""
     fused = [default] + ([pick] if pick != default else [])
-    jobs = [("logit", "per_prompt", n, None), ("logit", "avg", n, None), ("logit", "self_consistency", n, None)]
-    jobs += [("fusion", settings, n, None) for settings in fused]
-    jobs += [("logit", "avg", n, REPEAT)] + [("fusion", settings, n, REPEAT) for settings in fused]
+    jobs = [("fusion", settings, n, None) for settings in fused]
+    jobs += [("logit", "per_prompt", n, None), ("logit", "avg", n, None)]
+    jobs += [("fusion", settings, n, REPEAT) for settings in fused]
+    jobs += [("logit", "self_consistency", n, None), ("logit", "avg", n, REPEAT)]
     everyone = range(n)  # --indexs: upstream's diversity/ tables
     return jobs + [("fusion", default, n - 1, ",".join(str(j) for j in everyone if j != i)) for i in everyone
                    ] if n > 1 else jobs

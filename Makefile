@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 N ?= 5
 RESULTS := results/webqa_sample/smollm2_135m_it
 
-.PHONY: setup model gemma demo test bench sweep study gpu-check mutation clean
+.PHONY: setup model gemma demo test test-fast bench sweep study gpu-check mutation clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt Makefile
@@ -36,6 +36,13 @@ demo: model
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# make test-fast: the edit loop: the defining tests and the invariants on the tiny models (no real model, no
+# subprocess of a command), about a minute on a 2-core CPU
+FAST_TESTS := tests/test_defining_*.py tests/test_significance.py tests/test_halves.py tests/test_sliding_window.py \
+  tests/test_generate.py
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not embedded and not cuda" $(FAST_TESTS)
 
 bench: model
 	$(BIN)/python benchmarks/bench_ensemble.py

@@ -115,3 +115,19 @@ def test_readme_notebook_snippet_runs():
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prediction" in done.stdout and "exact" in done.stdout
+
+
+@pytest.mark.parametrize("target", ["test-fast", "gemma"])
+def test_the_other_make_targets_the_readme_names_resolve(target):
+    """make test-fast (a selection of this suite: running it here would run its tests twice) and make gemma (what
+    .ci/run does first) resolve to their commands, and test-fast's files exist."""
+    assert f"`make {target}`" in README
+    done = subprocess.run(["make", "-n", target, f"BIN={os.path.dirname(sys.executable)}", "-o", "setup"],
+                          cwd=REPO_DIR, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    if target == "test-fast":
+        patterns = [a for a in shlex.split(done.stdout.splitlines()[-1]) if a.startswith("tests/")]
+        files = [f for pattern in patterns for f in REPO_DIR.glob(pattern)]
+        assert len(patterns) >= 4 and len(files) >= 10 and all(f.is_file() for f in files)
+    else:
+        assert "packaged_model_dir('gemma3_270m')" in done.stdout

@@ -3,11 +3,33 @@ every flag before anything is read or loaded, --lemmaize, and turning the parsed
 objects (runner.RunConfig, fusion.FusionSettings). Library modules never see an argparse Namespace."""
 from __future__ import annotations
 
+import os
+import sys
+
+LOADING_INTERRUPTED = "interrupted while the modules were loading; nothing was read or written"
+
+
+def interrupted_while_loading(kind, value, traceback, previous=sys.excepthook) -> None:
+    """sys.excepthook while a command imports its modules (before main_guard runs): Ctrl-C there is one line and
+    exit code 130, not a traceback of the import chain; any other exception goes to the previous hook."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return previous(kind, value, traceback)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    print(LOADING_INTERRUPTED, file=sys.stderr, flush=True)
+    os._exit(130)  # the interpreter would exit 1 (or by SIGINT) after its hook; nothing is open yet
+
+
+sys.excepthook = interrupted_while_loading  # first, before the heavy imports below (torch, transformers)
+
 import argparse
+import errno
+import io
 import logging
 import math
 import signal
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +39,8 @@ from constants import (DATASETS, DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_DATASET, DE
                        DEFAULT_POSITIONS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, EMBEDDED_MODEL, EXIT_BAD_INPUT,
                        SC_PROMPTS, InputError)
 from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS
-from fusion import BESIDE, ISOLATIONS, POSITIONS, FusionSettings
+from fusion import BESIDE, FUSION_BIASES, ISOLATIONS, POSITIONS, FusionSettings
+from results import printable
 from runner import Interrupted, RunConfig
 from selection import Selection
 
@@ -231,7 +254,8 @@ def self_consistency_settings(args: argparse.Namespace):
 def check_flags(args: argparse.Namespace) -> None:
     """Every flag on its own and together, before anything is read or loaded."""
     from models import check_device_map, check_model_name, resolve_device
-    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples", "num", "top_k", "num_samples"):
+    for flag in ("batch_size", "max_new_tokens", "limit", "confidence_samples", "num", "top_k", "num_samples",
+                 "samples"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             name = "N (--num-paraphrases, --num-ensemble)" if flag == "num" else f"--{flag.replace('_', '-')}"
@@ -249,6 +273,51 @@ def check_flags(args: argparse.Namespace) -> None:
     resolve_device(args.device)
     check_device_map(getattr(args, "device_map", None))
     check_model_name(args.model)
+    check_magnitudes(args)
+
+
+# How each numeric flag enters the model's arithmetic: added to scores or log-probabilities (|v| bounded), a
+# temperature that scores are divided by (bounded above and away from 0), or a probability (not below the
+# dtype's smallest normal number, where it would round to 0).
+ADDED_FLAGS = ("fusion_bias", "beside_weight")
+DIVIDING_FLAGS = ("fusion_temperature", "sc_temperature", "paraphrase_temperature")
+PROBABILITY_FLAGS = ("sc_top_p", "paraphrase_top_p")
+
+
+def check_magnitudes(args: argparse.Namespace) -> None:
+    """Finite numbers can still overflow the model's dtype (--fusion-bias 1e300 is inf in float32, and every answer
+    empty; --fusion-temperature 1e-300 is 0): each numeric flag is bounded by what its dtype computes, sqrt of its
+    largest number (so that a score times or plus the value stays finite), one line naming the flag and bound."""
+    import torch
+
+    from models import resolve_device, resolve_dtype
+    dtype = resolve_dtype(getattr(args, "dtype", "auto"), resolve_device(args.device))
+    info, name = torch.finfo(dtype), str(dtype).removeprefix("torch.")
+    bound = math.sqrt(info.max)
+    for flag in (*ADDED_FLAGS, *DIVIDING_FLAGS, *PROBABILITY_FLAGS):
+        value = flag_number(args, flag)
+        if value is None:
+            continue
+        spelled = f"--{flag.replace('_', '-')} {value:g}"
+        if flag in ADDED_FLAGS and abs(value) > bound:
+            raise InputError(f"{spelled}: a {name} model cannot compute it; give a value within +-{bound:.3g}")
+        if flag in DIVIDING_FLAGS and value > 0 and not 1 / bound <= value <= bound:
+            raise InputError(f"{spelled}: a {name} model cannot compute it; give a value in [{1 / bound:.3g}, "
+                             f"{bound:.3g}]")
+        if flag in PROBABILITY_FLAGS and 0 < value < info.tiny:
+            raise InputError(f"{spelled}: rounds to 0 in {name}; give at least {info.tiny:.3g}")
+
+
+def flag_number(args: argparse.Namespace, flag: str) -> float | None:
+    """The flag's value as a number, or None (absent, or a named --fusion-bias such as sqrt)."""
+    value = getattr(args, flag, None)
+    if value is None or (flag == "fusion_bias" and value in FUSION_BIASES):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None  # FusionSettings names what a bad --fusion-bias is (and a non-finite one)
+    return number if math.isfinite(number) else None
 
 
 COMMON_FLAGS = ("dataset", "data_file", "task", "model", "limit", "half", "batch_size", "max_new_tokens", "device",
@@ -284,12 +353,16 @@ def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
     read-only folder) with one line and exit code 1; Ctrl-C and SIGTERM with one line and 130 / 143,
     the finished questions kept for a rerun. Never a traceback."""
     def guarded(argv: list[str] | None = None) -> int:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(PrintableFormatter("%(message)s"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
         previous = signal.signal(signal.SIGTERM, raise_terminated)
+        stdout = sys.stdout
+        sys.stdout = PipeSafe(stdout)  # a closed stdout (| head -n 1) never stops or fails a run
         try:
             return main(argv)
         except Done as done:
-            print(done)
+            print(printable(str(done)))
             return 0
         except InputError as err:
             return say(f"error: {err}", EXIT_BAD_INPUT)
@@ -303,7 +376,68 @@ def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
             return say(f"error: {where}{err.strerror or err}", EXIT_FAULT)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            sys.stdout.flush()
+            if isinstance(sys.stdout, PipeSafe):
+                sys.stdout = stdout
     return guarded
+
+
+class PipeSafe(io.TextIOBase):
+    """stdout that a closed or full reader cannot break: on EPIPE (the reader left: | head -n 1) the rest of the
+    output goes to /dev/null quietly, on ENOSPC (a full disk) too, after one line on stderr; so a finished run
+    still exits 0 and an unfinished one goes on (its table is what it is for)."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        self.attempt(lambda: self.stream.write(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.attempt(self.stream.flush)
+
+    def attempt(self, call: Callable[[], object]) -> None:
+        if self.gone:
+            return
+        try:
+            call()
+        except OSError as err:
+            if err.errno not in (errno.EPIPE, errno.ENOSPC):
+                raise
+            if err.errno == errno.ENOSPC:
+                say(f"warning: stdout is full ({err.strerror}); the rest of this command's output is dropped", 0)
+            self.drop_the_rest()
+
+    def drop_the_rest(self) -> None:
+        """What is still buffered, and the interpreter's last flush, go to /dev/null."""
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def isatty(self) -> bool:
+        return not self.gone and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines through `printable`, line by line (a path or uuid in a warning holds no escape codes)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
 
 
 class Terminated(KeyboardInterrupt):
@@ -315,7 +449,8 @@ def raise_terminated(signum, frame) -> None:
 
 
 def say(line: str, code: int) -> int:
-    print(" ".join(str(line).split()), file=sys.stderr)
+    """One line on stderr: whitespace collapsed, control characters escaped (`printable`)."""
+    print(printable(" ".join(str(line).split())), file=sys.stderr)
     return code
 
 

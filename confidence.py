@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from constants import CONFIDENCE_TEMPERATURE, CONFIDENCE_TOP_P, safe_name
+from constants import CONFIDENCE_TEMPERATURE, CONFIDENCE_TOP_P, InputError, safe_name
 from dataset import Dataset, Record
 from decoding import LanguageModel, Sampler, StopRule, answer_text, decode, greedy, single_rows
 from results import atomic_write, read_table
@@ -170,9 +171,29 @@ def check_cache(lm: LanguageModel, k: int, stop: StopRule, results_dir: Path, se
 
 
 def cached_entries(path: Path) -> dict[str, dict]:
+    """The cache's entries by key; a cache that is corrupt or of another schema is one line naming the file."""
     if not path.exists():
         return {}
-    return {row["key"]: row for row in read_table(path).to_dict("records")}
+    table = read_table(path)
+    trouble = cache_trouble(table)
+    if trouble:
+        raise InputError(f"{path}: {trouble}, not a confidence cache of this program; delete it (its confidences "
+                         f"are computed again)")
+    return {row["key"]: row for row in table.to_dict("records")}
+
+
+def cache_trouble(table: pd.DataFrame) -> str | None:
+    """What makes a confidence-cache table unusable, or None: the columns `confidences` reads, of their types."""
+    missing = [c for c in ("key", "confidence", "seconds") if c not in table.columns]
+    if missing:
+        return f"no column {', '.join(missing)}"
+    if not table["key"].map(lambda k: isinstance(k, str)).all():
+        return "a key that is not text"
+    for column, low, high in (("confidence", 0.0, 1.0), ("seconds", 0.0, math.inf)):
+        values = pd.to_numeric(table[column], errors="coerce")
+        if values.isna().any() or not values.between(low, high).all():
+            return f"a {column} that is not a number in [{low:g}, {high:g}]"
+    return None
 
 
 def save_entries(path: Path, entries: list[dict]) -> None:

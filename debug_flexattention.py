@@ -16,6 +16,7 @@ when a paraphrase's K/V differ from its run with only what it may see beyond the
 """
 from __future__ import annotations
 
+import cli  # noqa: F401 - first: Ctrl-C while the modules load is one line (exit 130)
 import argparse
 import math
 import re

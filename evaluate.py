@@ -4,11 +4,11 @@ python evaluate.py --results-dir DIR [--output-dir DIR2] [--metric partial|exact
 python evaluate.py --choose DIR1 DIR2 [...] --output-dir DIR3 [--metric ...]   # the protocol's pick (pick.json)
 python evaluate.py --study DIR1 DIR2 [...] --output-dir DIR3 [--pick PICK] [--metric ...]   # dev sets side by side
 
-
 Writes report.md/.csv/.png/.pdf, gain.md/.csv and questions.csv; docs/report.md describes every column.
 """
 from __future__ import annotations
 
+import cli  # noqa: F401 - first: Ctrl-C while the modules load is one line (exit 130)
 import math
 import sys
 import warnings
@@ -174,6 +174,46 @@ def _labels(df: pd.DataFrame) -> list[str]:
 def _samples_tag(samples, n: int) -> list[str]:
     """k<K> when self-consistency sampled K answers for another N than K (K = N is its default)."""
     return [] if _missing(samples) or int(samples) == int(n) else [f"k{int(samples)}"]
+
+
+def _warn(line: str) -> None:
+    from results import printable
+    print(printable(f"evaluate.py: warning: {line}"), file=sys.stderr)
+
+
+def _row_keys(df: pd.DataFrame) -> list[str]:
+    """What makes a row one of its question's rows (results.row_key): uuid, paraphrase and sample."""
+    return ["uuid", "paraphrase_index", *(["sample_index"] if "sample_index" in df.columns else [])]
+
+
+def _without_duplicates(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """A table whose rows repeat (the same question, paraphrase and sample twice: files concatenated by hand) is
+    counted once per row, with a warning line; copies that disagree on the answer cannot be counted: InputError."""
+    keys = _row_keys(df)
+    copies = df.astype({"uuid": str}).duplicated(keys, keep=False)
+    if not copies.any():
+        return df
+    answers = df[copies].astype({"uuid": str}).groupby(keys, dropna=False)["prediction"].nunique(dropna=False)
+    if (answers > 1).any():
+        raise InputError(f"{path}: {int((answers > 1).sum())} rows appear twice with different answers (same "
+                         f"{', '.join(keys)}); keep one copy of each, or rerun its command into a new folder")
+    extra = int(df.astype({"uuid": str}).duplicated(keys).sum())
+    _warn(f"{path.name}: {extra} duplicated rows (same {', '.join(keys)}) counted once")
+    return df[~df.astype({"uuid": str}).duplicated(keys)].reset_index(drop=True)
+
+
+def _warn_mixed_questions(tables: list[tuple[Path, pd.DataFrame]]) -> None:
+    """One warning line when the report's tables do not cover the same questions of the same data: their rows
+    are put side by side, but their accuracies are not comparable."""
+    questions = {path.name: frozenset(df["uuid"].astype(str)) for path, df in tables}
+    data = {path.name: tuple((read_settings(path) or {}).get(k) for k in ("dataset", "data")) for path, _ in tables}
+    data = {name: source for name, source in data.items() if source != (None, None)}  # tables without settings
+    kinds = [what for what, values in (("question sets", questions), ("datasets", data))
+             if len(set(values.values())) > 1]
+    if kinds:
+        sizes = ", ".join(f"{name}: {len(q)}" for name, q in list(questions.items())[:4])
+        _warn(f"the tables cover different {' and '.join(kinds)} (questions per table: {sizes}"
+              f"{', ...' if len(questions) > 4 else ''}); their accuracies are not comparable")
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -652,7 +692,9 @@ def analyse(results_dir: str | Path, metric: str = "partial") -> Analysis:
     """Read every result table of `results_dir`, add the votes and the single prompts behind every ensemble
     row, and build the report; raises InputError on a bad results dir."""
     taken: set = set()
-    groups = [g for path in _result_files(Path(results_dir)) for g in _table_groups(path, _read_table(path), taken)]
+    tables = [(path, _without_duplicates(path, _read_table(path))) for path in _result_files(Path(results_dir))]
+    _warn_mixed_questions(tables)
+    groups = [g for path, df in tables for g in _table_groups(path, df, taken)]
     pp = next((g for g in groups if g.method == "per_prompt"), None)
     per_prompt = None if pp is None else _with_keys(pp.rows).assign(file=pp.file)
     ensembles = [g for g in groups if g.ensemble]

@@ -6,9 +6,11 @@ paraphrases answered by a tiny random model in one fused sequence, with the isol
 """
 from __future__ import annotations
 
+from cli import OneLineParser, main_guard  # first: Ctrl-C while the modules load is one line (exit 130)
+
 import torch
 
-from cli import OneLineParser, main_guard
+from constants import InputError
 from dataset import Dataset, Record
 from decoding import LanguageModel, Row, StopRule, build_row
 from fusion import FusionSettings
@@ -16,6 +18,8 @@ from inspect_fusion import TopK, isolation_diffs, print_isolation, print_layout,
 from methods import answer_fused, decode_fused
 from models import load_model
 from segment_mask import FUSED_SEGMENT, PREFIX_SEGMENT, allowed_matrix, draw_mask, mask_legend, segment_biases
+
+MAX_NEW_TOKENS = 512  # a tour: each step recomputes the whole sequence for the reference (full_recompute)
 
 # A hand-made layout: token ids do not matter for the mask, only the segments do.
 PREFIX = [11, 12, 13]            # instruction and few-shot examples, shared
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa", help="flex: FlexAttention, eager (no compile)")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=8)
     args = p.parse_args(argv)
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # 0 would compare two empty answers and call it a failure
+        raise InputError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
     torch.manual_seed(0)
     show_masks()
     return 0 if run_ensemble(args.model, args.attn, args.max_new_tokens) else 1

@@ -12,7 +12,7 @@ diversity runs); --lemmaize adds upstream's lemma columns to the table the same 
 from __future__ import annotations
 
 from cli import (Done, add_n_flag, add_sc_flags, add_selection_flags, common_parser, lemmaize_command, main_guard,
-                 parse, run_config, self_consistency_settings)
+                 parse, printable, run_config, self_consistency_settings)
 from constants import DEFAULT_CONFIDENCE_SAMPLES, LOGIT_METHODS, InputError
 from runner import bind_model, load_lm, logit_count, logit_flags, logit_job, logit_table_name, open_job
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.lemmaize:
                 lemmaize_command(config, table)
         except Done as done:  # --lemmaize finished this table: on to the next one
-            print(done)
+            print(printable(str(done)))
             continue
         config, dataset = open_job(config, n or 1, table)
         lm = lm or load_lm(config)  # --method all: one model for both tables

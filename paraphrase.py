@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from constants import (CACHE_DIR, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPHRASE_TOP_P, PARAPHRASE_BATCH_SIZE,
-                       PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION, safe_name)
+                       PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION, InputError, safe_name)
 from dataset import Record
 from decoding import LanguageModel, Row, Sampler, StopRule, answer_text, build_row, decode, eos_ids
 from results import atomic_write
@@ -27,6 +27,20 @@ def paraphrase_prompt(question: str, pass_index: int) -> str:
     column = pass_index % len(PARAPHRASE_EXAMPLES[0][1])
     shots = "\n\n".join(f"Q: {q}\nParaphrase: {paraphrases[column]}" for q, paraphrases in PARAPHRASE_EXAMPLES)
     return f"{PARAPHRASE_INSTRUCTION}\n{shots}\n\nQ: {question}\nParaphrase:"
+
+
+def cache_row(line: str) -> tuple[str | None, list[str]]:
+    """(question, paraphrases) of one cache line, or (None, []) when it is not one."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None, []
+    if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+        return None, []
+    paraphrases = row.get("paraphrases")
+    if not isinstance(paraphrases, list) or not all(isinstance(p, str) for p in paraphrases):
+        return None, []
+    return row["question"], paraphrases
 
 
 @dataclass
@@ -49,10 +63,25 @@ class Paraphraser:
         return CACHE_DIR / "paraphrases" / safe_name(self.model_name) / f"webqa-upstream-{settings}.jsonl"
 
     def load_cache(self) -> dict[str, list[str]]:
+        """question -> its paraphrases so far; a cache that is corrupt or of another schema is one line naming it."""
         if not self.cache_file.exists():
             return {}
-        rows = [json.loads(line) for line in self.cache_file.read_text(encoding="utf-8").split("\n") if line.strip()]
-        return {r["question"]: r["paraphrases"] for r in rows}
+        try:
+            text = self.cache_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise self.bad_cache(getattr(err, "strerror", None) or "not UTF-8 text") from None
+        cache = {}
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                question, paraphrases = cache_row(line)
+                if question is None:
+                    raise self.bad_cache(f"line {lineno} is not a {{question, paraphrases}} row")
+                cache[question] = paraphrases
+        return cache
+
+    def bad_cache(self, why: str) -> InputError:
+        return InputError(f"{self.cache_file}: {why}, not a paraphrase cache of this program; delete it (the "
+                          f"paraphrases are made again)")
 
     def save_cache(self, cache: dict[str, list[str]]) -> None:
         text = "".join(json.dumps({"question": q, "paraphrases": p}, ensure_ascii=True) + "\n" for q, p in cache.items())

@@ -12,7 +12,9 @@ import math
 import numbers
 import os
 import platform
+import re
 import socket
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -51,6 +53,63 @@ def split_lines(data: bytes) -> list[bytes]:
     if lines and lines[-1] == b"":
         lines.pop()
     return lines
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words."""
+    return ("a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a regular file" if stat.S_ISREG(mode) else "not a regular file")
+
+
+def not_ours(path: Path, what: str) -> InputError:
+    return InputError(f"{path} is {what}, not a file this program wrote; remove it (or use another --output-dir)")
+
+
+def check_own(path: Path, st: os.stat_result, own: bool) -> None:
+    """A regular file, and (`own`: one written in place, a lock or a partial file) this user's with no other link:
+    a symlink, a FIFO (its open or read would hang) or a hard link to a file elsewhere is refused, never followed."""
+    if not stat.S_ISREG(st.st_mode):
+        raise not_ours(path, file_kind(st.st_mode))
+    if own and st.st_uid != os.geteuid():
+        raise not_ours(path, f"owned by another user (uid {st.st_uid})")
+    if own and st.st_nlink > 1:
+        raise not_ours(path, f"a hard link ({st.st_nlink} names)")
+
+
+def plain_file(path: Path, own: bool = False) -> bool:
+    """Whether `path` exists as a regular file (see check_own, which raises InputError for anything else); not
+    followed when it is a symlink."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or first_line(err)}") from None
+    check_own(Path(path), st, own)
+    return True
+
+
+def open_own(path: Path, flags: int) -> int:
+    """os.open of a file the run writes in place (lock, partial file): created exclusively when absent, never through
+    a symlink, never blocking on a FIFO, and refused (InputError) when not a regular file of this user's (check_own)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    except FileExistsError:
+        try:
+            fd = os.open(path, (flags & ~os.O_CREAT) | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise not_ours(path, "a symlink") from None
+            raise
+        try:
+            check_own(path, os.fstat(fd), own=True)
+        except InputError:
+            os.close(fd)
+            raise
+        os.set_blocking(fd, True)
+    return fd
 
 
 def result_row(record, tokenizer, tokens: list[int], *, paraphrases: list[str], prompts: list[str], seconds: float,
@@ -259,6 +318,7 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
 def read_table(path: Path) -> pd.DataFrame:
     """A table written by write_table; a file that is not one (truncated, corrupt, unreadable) is an InputError
     naming it."""
+    plain_file(path)  # a FIFO or device planted as the table would hang the read
     try:
         df = pd.read_feather(path)
     except Exception as err:  # noqa: BLE001 - any unreadable file means the same to the user
@@ -270,6 +330,8 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
+AFRESH = ("to start afresh delete {name}, its .jsonl copy, .settings.json and .rank*.partial.jsonl files, or use "
+          "another --output-dir")
 UNCOMPARED_SETTINGS = ("provenance", "resumed_with")  # kept beside a table, never a reason to refuse a resume
 
 
@@ -322,15 +384,21 @@ def check_settings(path: Path, settings: dict, write: bool = True) -> None:
     settings = json.loads(json.dumps(settings, default=str))  # compared as they are kept: JSON values
     provenance = settings.pop("provenance", None)
     kept = None
-    if sidecar.exists():
+    if plain_file(sidecar):
         try:
             kept = json.loads(sidecar.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             if has_rows(path):
                 raise InputError(f"cannot read {sidecar} ({first_line(err)}); delete the table and it, or use "
                                  f"another --output-dir") from None
-        if not isinstance(kept, dict) or not has_rows(path):
+        if not has_rows(path):
             kept = None  # stale: left by a run that wrote no row
+        elif not isinstance(kept, dict):
+            raise InputError(f"{sidecar} is not a JSON object, so the settings that made {path.name}'s rows are "
+                             f"unknown; {AFRESH.format(name=path.name)}")
+    elif has_rows(path):  # rows whose flags nobody knows: never resumed, never given this run's settings
+        raise InputError(f"{path} has rows but no settings file ({sidecar.name}), so the settings that made them "
+                         f"are unknown; {AFRESH.format(name=path.name)}")
     if kept is not None:
         compared = {k: v for k, v in kept.items() if k not in UNCOMPARED_SETTINGS}
         changed = sorted(k for k in set(compared) | set(settings) if compared.get(k) != settings.get(k))
@@ -388,6 +456,24 @@ def lemmaize_table(path: Path) -> bool:
     return True
 
 
+LOCK_BYTES = 512  # a lock file holds "pid P on HOST": more is not ours
+LOCK_SHOWN = 80   # the most of a lock file's first line a message shows
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal could act on (ESC and the other control characters, bidi and other
+    format characters) written as Python's repr writes it (\\x1b): data strings never reach the terminal raw."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def lock_text(data: bytes) -> str:
+    """A lock file's content as a message may show it: its first line, escaped (`printable`) and cut short, never
+    the raw bytes (which could hold terminal escape codes)."""
+    line = data.decode("utf-8", errors="replace").strip().split("\n")[0]
+    shown = printable(line)
+    return shown if len(shown) <= LOCK_SHOWN else f"{shown[:LOCK_SHOWN]}... ({len(data)} bytes)"
+
+
 class TableLock:
     """`<stem>.rank<r>.lock` beside a table while a process writes it. A second live writer of the same
     table is refused in one line; the lock of a killed process is taken over, since the kernel drops a
@@ -403,9 +489,12 @@ class TableLock:
                           f"{self.file.name}); wait for it to finish or use another --output-dir")
 
     def holder(self) -> str | None:
-        """Who holds the lock now, without taking it or creating anything; None when nobody does."""
+        """Who holds the lock now, without taking it or creating anything; None when nobody does. A lock file that
+        is not a regular file of this user's (a symlink, a FIFO) is refused (InputError), never followed."""
+        if not plain_file(self.file, own=True):
+            return None
         try:
-            fd = os.open(self.file, os.O_RDONLY)
+            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         try:
@@ -414,30 +503,30 @@ class TableLock:
         except OSError as err:
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 return None  # no flock on this file system: acquire() judges by the pid
-            return os.read(fd, 200).decode(errors="replace").strip()
+            return lock_text(os.pread(fd, LOCK_BYTES, 0))
         finally:
             os.close(fd)
 
     def acquire(self) -> "TableLock":
         self.file.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = open_own(self.file, os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
-                text = os.read(fd, 200).decode(errors="replace").strip()
+                text = lock_text(os.pread(fd, LOCK_BYTES, 0))
                 os.close(fd)
                 if err.errno in (errno.EAGAIN, errno.EACCES) or self.pid_alive(text):
                     raise self.refusal(text) from None
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)  # no flock here: the pid said it is free
+                fd = open_own(self.file, os.O_RDWR)  # no flock here: the pid said it is free
                 break
             try:  # the previous holder may have removed the file we opened: lock the one on disk instead
-                if os.fstat(fd).st_ino == os.stat(self.file).st_ino:
+                if os.fstat(fd).st_ino == os.lstat(self.file).st_ino:
                     break
             except FileNotFoundError:
                 pass
             os.close(fd)
-        stale = os.read(fd, 200).decode(errors="replace").strip()
+        stale = lock_text(os.pread(fd, LOCK_BYTES, 0))
         if stale:
             log.warning("%s: taking over the lock left by %s, which is no longer running", self.table.name, stale)
         os.ftruncate(fd, 0)
@@ -494,6 +583,18 @@ def row_key(row: Mapping) -> tuple:
     return str(row["uuid"]), norm(row.get("paraphrase_index", -1)), norm(row.get("sample_index"))
 
 
+def row_trouble(row: Mapping) -> str | None:
+    """What makes a decoded partial row unusable (None when nothing): the key fields of the wrong type."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if not (isinstance(row["uuid"], str) or whole(row["uuid"])):
+        return f"its uuid is {type(row['uuid']).__name__}"
+    for key in ("paraphrase_index", "sample_index"):
+        if row.get(key) is not None and not whole(row[key]):
+            return f"its {key} is {type(row[key]).__name__}"
+    return None
+
+
 def row_counts(rows: Iterable[Mapping]) -> dict[str, int]:
     """Per uuid, how many distinct rows (row_key) there are."""
     counts: dict[str, int] = {}
@@ -521,22 +622,29 @@ class ResultWriter:
                 return file.stat().st_mtime_ns, file.name
             except OSError:
                 return 0, file.name
-        return sorted(self.path.parent.glob(f"{self.path.stem}.rank*.partial.jsonl"), key=age)
+        files = sorted(self.path.parent.glob(f"{self.path.stem}.rank*.partial.jsonl"), key=age)
+        return [file for file in files if plain_file(file, own=True)]  # a planted FIFO or symlink: one line
 
     @staticmethod
     def read_partial(file: Path) -> list[tuple[bytes, dict]]:
         """(line, row) for each complete row of a partial file, split by b"\n" only; a torn or undecodable line
         (a run killed mid-write) is skipped: that question is simply redone."""
         try:
+            if not plain_file(file, own=True):
+                return []
             data = Path(file).read_bytes()
         except FileNotFoundError:
             return []
         except OSError as err:
             raise InputError(f"cannot read {file}: {err.strerror or first_line(err)}") from None
         out = []
-        for line in split_lines(data):
+        for lineno, line in enumerate(split_lines(data), 1):
             row = ResultWriter.parse_line(line)
             if row is not None:
+                trouble = row_trouble(row)
+                if trouble:
+                    raise InputError(f"{file}:{lineno}: {trouble}, not a row this program writes; delete {file.name} "
+                                     f"to redo its questions")
                 out.append((line, row))
         return out
 
@@ -554,7 +662,13 @@ class ResultWriter:
 
     def rows(self) -> list[dict]:
         """Rows written so far: the finished table, then every partial file (a torn last line is skipped)."""
-        rows = read_table(self.path).to_dict("records") if self.path.exists() else []
+        rows = []
+        if plain_file(self.path):
+            table = read_table(self.path)
+            if "uuid" not in table.columns:
+                raise InputError(f"{self.path}: no uuid column, so it is not a result table of this program; "
+                                 f"{AFRESH.format(name=self.path.name)}")
+            rows = table.to_dict("records")
         for _, partial in self.partial_rows():
             rows.extend(partial)
         return rows
@@ -603,7 +717,7 @@ class ResultWriter:
         try:
             self.partial.parent.mkdir(parents=True, exist_ok=True)
             self.drop_torn_tail()
-            fd = os.open(self.partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            fd = open_own(self.partial, os.O_WRONLY | os.O_APPEND)
         except OSError as err:
             raise WriteError(self.partial, err) from None
         try:
@@ -624,6 +738,8 @@ class ResultWriter:
 
     def drop_torn_tail(self) -> None:
         """A run killed mid-write leaves half a line: cut it, so the next row starts on its own line."""
+        if not plain_file(self.partial, own=True):
+            return
         try:
             size = self.partial.stat().st_size
         except FileNotFoundError:

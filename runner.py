@@ -18,12 +18,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from constants import (DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, REPO_DIR, WEBQA_SAMPLE_FILE,
+from constants import (DEFAULT_NUM_PARAPHRASES, DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, REPO_DIR, WEBQA_SAMPLE_FILE,
                        InputError, safe_name)
 from dataset import Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
 from selection import Selection
 from decoding import LanguageModel, PrefixCache
-from results import ResultWriter, TableLock, check_settings, check_table_path, check_writable_dir, provenance
+from results import (ResultWriter, TableLock, check_settings, check_table_path, check_writable_dir, provenance,
+                     table_file_names)
 
 log = logging.getLogger("self_ensemble")
 WEBQA_PROMPTS = 6  # upstream's WebQA: the original question and 5 paraphrases made by the model
@@ -67,9 +68,15 @@ class RunConfig:
         return self.out_dir() / (self.selection.table_name(name, n) if self.selection else name)
 
     def out_dir(self) -> Path:
+        """--output-dir, or results/<dataset>/<model>: a local model folder by its resolved name, so that
+        `--model DIR/..` never moves the output up out of results/<dataset>/."""
         if self.output_dir:
             return Path(self.output_dir)
-        model = safe_name(Path(self.model).name if Path(self.model).is_dir() else self.model)
+        name = Path(self.model).resolve().name if Path(self.model).is_dir() else self.model
+        model = safe_name(name)
+        if model.strip(".") == "":
+            raise InputError(f"--model {self.model!r}: its folder has no name to file the results under "
+                             f"(results/{self.dataset}/<model>); give --output-dir")
         return REPO_DIR / "results" / self.dataset / model
 
     def table_path(self, path: Path) -> Path:
@@ -142,15 +149,19 @@ def warnings_only_if_it_works():
         root.handle(record)
 
 
+JSONL_LOADERS = ("webqa_sample", "jsonl")  # dataset.load_jsonl hashes the bytes it reads (Dataset.source_sha256)
+
+
 def read_data(config: RunConfig, num_paraphrases: int) -> Dataset:
     """The dataset, with a file that cannot be read (not UTF-8, not readable) reported in one line naming it;
-    what the loaders warn about is shown only when the data is good."""
+    what the loaders warn about is shown only when the data is good. `Dataset.source_sha256` is the hash of
+    what was read (see `hash_of_what_is_read`), the table's settings record it."""
     where = config.data_path() or config.dataset
     try:
-        with warnings_only_if_it_works():
-            dataset = load_dataset_by_name(config.dataset, config.data_file, config.task, num_paraphrases, None,
+        with warnings_only_if_it_works(), hash_of_what_is_read(config) as dataset_of:
+            dataset = dataset_of(load_dataset_by_name(config.dataset, config.data_file, config.task, num_paraphrases, None,
                                            config.limit, paraphrase_set=config.paraphrases,
-                                           num_fewshot=config.num_fewshot, half=config.half)
+                                           num_fewshot=config.num_fewshot, half=config.half))
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                          f"save it as UTF-8") from None
@@ -161,6 +172,58 @@ def read_data(config: RunConfig, num_paraphrases: int) -> Dataset:
             raise InputError(f"{where}: question {record.uuid!r} has no gold answer ('answers' is empty), "
                              f"so it could never be scored correct")
     return dataset
+
+
+@contextmanager
+def hash_of_what_is_read(config: RunConfig):
+    """Yields a function that gives the loaded dataset its `source_sha256`, the hash of the bytes the loader read:
+    load_jsonl hashes them as it reads; the other local loaders (WebQuestions JSON, save_to_disk folders,
+    MyriadLAMA) read through libraries, so the file is hashed before and after and must not change between
+    (an edit while it is read is refused: the rows could hold either version). Hub data has no file (None)."""
+    path = config.data_path()
+    local = path is not None and path.exists() and config.dataset not in JSONL_LOADERS
+    before = file_sha256(path) if local else None
+
+    def dataset_of(dataset: Dataset) -> Dataset:
+        if local:
+            after = file_sha256(path)
+            if after != before:
+                raise InputError(f"{path}: changed while it was read; rerun once nobody is editing it")
+            dataset.source_sha256 = after
+        return dataset
+    yield dataset_of
+
+
+def check_not_output(config: RunConfig, table: Path | None) -> None:
+    """No run reads its input from its own output: a --data-file that is (through any symlink or relative path)
+    one of the files of the table it writes (any rank's), or a result table or partial file in the output folder."""
+    if not config.data_file:
+        return
+    data = Path(os.path.realpath(config.data_file))
+    data = data.with_name(RANK_FILE.sub(".rank0.", data.name))
+    own = set()
+    if table is not None:
+        path = config.table_path(table)
+        own = {Path(os.path.realpath(path.parent)) / name for name in table_file_names(path, 0)}
+    out = Path(os.path.realpath(config.out_dir()))
+    a_table = data.suffix == ".feather" or ".rank0." in data.name or data.with_suffix(".settings.json").exists()
+    if data in own or (a_table and (out == data.parent or out in data.parents)):
+        raise InputError(f"--data-file {config.data_file}: is a result table of the output folder ({data.parent}); "
+                         f"no run reads what it writes: copy the data elsewhere or use another --output-dir")
+
+
+RANK_FILE = re.compile(r"\.rank\d+\.")  # every rank's lock and partial file belong to the table
+
+
+def check_selection(config: RunConfig, dataset: Dataset, num_paraphrases: int) -> None:
+    """A sampled selection that the data cannot give (more distinct selections than exist, a mix larger than the
+    manual or automatic templates) is refused before the model loads. WebQA's paraphrases are made by the model
+    later: their count (WEBQA_PROMPTS) is known."""
+    if config.selection is None:
+        return
+    made = max(num_paraphrases, WEBQA_PROMPTS) if model_paraphrases(config, num_paraphrases) else None
+    for record in dataset.records:
+        config.selection.check(record, num_paraphrases, made)
 
 
 def select_paraphrases(dataset: Dataset, indexs: list[int]) -> None:
@@ -187,15 +250,17 @@ def open_job(config: RunConfig, num_paraphrases: int, table: Path | None = None)
         holder = lock.holder()
         if holder is not None:
             raise lock.refusal(holder)
+    check_not_output(config, table)
     try:
         dataset = read_data(config, 1 if model_paraphrases(config, num_paraphrases) else num_paraphrases)
     except InputError as err:
         raise (InputError(f"--indexs {config.indexs}: {err}") if config.chosen else err) from None
+    check_selection(config, dataset, num_paraphrases)
     if config.prompt_format == "chat" and has_chat_template(config.model) is False:
         raise InputError(f"--prompt-format chat: the tokenizer of {config.model} has no chat template; "
                          f"use --prompt-format plain")
     if table is not None:  # a resume with other settings is refused before the model loads
-        check_settings(config.table_path(table), output_settings(config), write=False)
+        check_settings(config.table_path(table), output_settings(config, dataset), write=False)
     return config, dataset
 
 
@@ -269,15 +334,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(config: RunConfig) -> str:
-    """The data's content hash (an edited data file makes another table), or the hub id it came from."""
-    path = config.data_path()
-    if path is not None and path.exists():
-        return f"sha256:{file_sha256(path)}"
+def data_fingerprint(config: RunConfig, dataset: Dataset) -> str:
+    """The hash of the data as it was read (an edited data file makes another table: the hash is never taken
+    again later, so a file edited while the model loads cannot put its new hash beside rows of the old data),
+    or the hub id it came from."""
+    if dataset.source_sha256 is not None:
+        return f"sha256:{dataset.source_sha256}"
     return f"hub:{config.dataset}"
 
 
-def output_settings(config: RunConfig) -> dict:
+def output_settings(config: RunConfig, dataset: Dataset) -> dict:
     """What a table's rows depend on, kept beside it and compared on resume, known before the model loads: the
     flags that change answers (RunConfig.answer_settings, the resolved attention backend and compile mode
     among them), the data's content hash, the resolved dtype and device type and the model's revision
@@ -285,7 +351,7 @@ def output_settings(config: RunConfig) -> dict:
     from models import resolve_device, resolve_dtype, source_revision
     device = resolve_device(config.device)
     out = config.answer_settings()
-    out.update(data=data_fingerprint(config), dtype=str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
+    out.update(data=data_fingerprint(config, dataset), dtype=str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
                device=device.type, model_revision=source_revision(config.model))
     return dict(sorted(out.items()))
 
@@ -301,8 +367,9 @@ def run_job(config: RunConfig, dataset: Dataset, path: Path, answer_batch: Calla
     torch.manual_seed(config.seed)
     path = config.table_path(path)
     with TableLock(path, state.process_index):
-        check_settings(path, {**output_settings(config), "provenance": provenance(config.model, config.device_map, model)},
-                       write=state.is_main_process)
+        settings = {**output_settings(config, dataset), "provenance": provenance(config.model, config.device_map, model)}
+        check_settings(path, settings, write=state.is_main_process)
+        state.wait_for_everyone()  # no rank writes rows before rank 0 has checked and written the settings
         writer = ResultWriter(path, state.process_index)
         expected = Counter()
         for record in dataset.records:  # a sampled question is one record per selection
@@ -476,9 +543,12 @@ def answer_table(lm: LanguageModel, questions: list[Record], method: str, n: int
     import scoring
     from decoding import StopRule, eos_ids
     from fusion import FusionSettings
-    from methods import FUSION_METHODS, SelfConsistency, answer_ensemble, answer_fused, answer_per_prompt, \
+    from methods import SelfConsistency, answer_ensemble, answer_fused, answer_per_prompt, \
         answer_self_consistency
+    check_answer_table(questions, method, n, max_new_tokens, batch_size)
+    n = n if n is not None or method == "per_prompt" else DEFAULT_NUM_PARAPHRASES
     dataset = Dataset("notebook", task, list(questions), list(few_shot))
+    dataset.check_paraphrases(n or 1)
     stop = StopRule(eos_ids(lm.model, lm.tokenizer), max_new_tokens)
     rows = []
     for start in range(0, len(questions), batch_size):
@@ -486,12 +556,41 @@ def answer_table(lm: LanguageModel, questions: list[Record], method: str, n: int
         if method in ("per_prompt", "origin"):
             rows += answer_per_prompt(lm, dataset, batch, n, stop, method)[0]
         elif method == "flex_attention":
-            rows += answer_fused(lm, dataset, batch, n or 5, stop, settings or FusionSettings())[0]
-        elif method in FUSION_METHODS and not method.startswith("weighted"):
-            rows += answer_ensemble(lm, dataset, batch, n or 5, stop, method)[0]
+            rows += answer_fused(lm, dataset, batch, n, stop, settings or FusionSettings())[0]
         elif method == "self_consistency":
-            rows += answer_self_consistency(lm, dataset, batch, n or 5, stop, settings or SelfConsistency())[0]
+            rows += answer_self_consistency(lm, dataset, batch, n, stop, settings or SelfConsistency())[0]
         else:
-            raise InputError(f"method {method!r}: choose per_prompt, origin, avg, avg_prob, max, self_consistency "
-                             f"or flex_attention")
+            rows += answer_ensemble(lm, dataset, batch, n, stop, method)[0]
     return scoring.score_frame(pd.DataFrame(rows))
+
+
+NOTEBOOK_METHODS = ("per_prompt", "origin", "avg", "avg_prob", "max", "self_consistency", "flex_attention")
+
+
+def check_answer_table(questions, method: str, n, max_new_tokens, batch_size) -> None:
+    """answer_table's arguments, each refused in one line rather than bent into something else (n=0 was 5,
+    max_new_tokens=0 one token, a string of paraphrases one paraphrase per character)."""
+    from dataset import Record
+    if method not in NOTEBOOK_METHODS:
+        raise InputError(f"method {method!r}: choose {', '.join(NOTEBOOK_METHODS)} (the weighted methods need "
+                         f"confidences: run generate.py)")
+    if isinstance(questions, (str, bytes, Record)) or not isinstance(questions, (list, tuple)) or not questions:
+        raise InputError(f"questions: give a non-empty list of dataset.Record, got {short_repr(questions)}")
+    for i, record in enumerate(questions):
+        if not isinstance(record, Record):
+            raise InputError(f"questions[{i}]: not a dataset.Record ({short_repr(record)})")
+        if not isinstance(record.paraphrases, (list, tuple)) or not record.paraphrases or not all(
+                isinstance(p, str) and p.strip() for p in record.paraphrases):
+            raise InputError(f"questions[{i}] ({record.uuid!r}): paraphrases must be a non-empty list of non-empty "
+                             f"strings, got {short_repr(record.paraphrases)}")
+    for name, value, allowed_none in (("n", n, True), ("max_new_tokens", max_new_tokens, False),
+                                      ("batch_size", batch_size, False)):
+        if value is None and allowed_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a whole number of at least 1, got {short_repr(value)}")
+
+
+def short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

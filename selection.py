@@ -52,6 +52,15 @@ class Selection:
             return [manual_auto_mix(record, self.manual, self.auto, self.samples, seed)]
         return synced_samples(record.uuid, len(record.paraphrases), n, self.samples, self.repeat)
 
+    def check(self, record: Record, n: int, count: int | None = None) -> None:
+        """Whether `record` (with `count` paraphrases, default its own) can give these selections, without drawing
+        them: run before the model loads, so that a draw that cannot end or a mix the data lacks is one line."""
+        count = len(record.paraphrases) if count is None else count
+        if self.mix:
+            mix_pools(record, self.manual, self.auto)
+        elif not self.repeat:
+            distinct_selections(record.uuid, count, n, self.samples)
+
     def expand(self, records: list[Record], n: int, seed: int) -> list[Record]:
         """One Record per selection: its paraphrases in the selection's order, `indices` and `sample` set."""
         return [replace(r, paraphrases=[r.paraphrases[i] for i in chosen], indices=list(chosen), sample=s)
@@ -68,17 +77,30 @@ def synced_samples(uuid: str, count: int, n: int, samples: int, repeat: bool = F
     rng = random.Random(uuid)
     if repeat:
         return rng.sample([[i] * n for i in range(count)], k=min(samples, count))
-    if math.perm(count, n) <= MAX_PERMUTATIONS:
-        return [list(p) for p in rng.sample(list(itertools.permutations(range(count), n)), k=min(samples, math.perm(count, n)))]
+    distinct = distinct_selections(uuid, count, n, samples)
+    if distinct <= MAX_PERMUTATIONS:
+        return [list(p) for p in rng.sample(list(itertools.permutations(range(count), n)), k=min(samples, distinct))]
     drawn: dict[tuple[int, ...], None] = {}
     while len(drawn) < samples:
         drawn.setdefault(tuple(rng.sample(range(count), n)))
     return [list(p) for p in drawn]
 
 
-def manual_auto_mix(record: Record, manual: int, auto: int, n: int, seed: int) -> list[int]:
-    """Upstream's generate_original: draw `manual` of the manual templates and `auto` of the automatic ones,
-    then n of those, without replacement; seeded from (seed, uuid), so a run repeats."""
+def distinct_selections(uuid: str, count: int, n: int, samples: int) -> int:
+    """How many ordered selections of n of `count` paraphrases exist (math.perm). Up to MAX_PERMUTATIONS upstream
+    takes min(samples, that many); past it they are drawn one by one, and asking for more than exist would never
+    end: refused in one line naming the number."""
+    if n > count:
+        raise InputError(f"question {uuid}: {count} paraphrases cannot give ordered selections of {n}")
+    distinct = math.perm(count, n)
+    if distinct > MAX_PERMUTATIONS and samples > distinct:
+        raise InputError(f"--num_samples {samples}: question {uuid} has only {distinct:,} distinct ordered selections "
+                         f"of {n} of its {count} paraphrases; ask for at most that many")
+    return distinct
+
+
+def mix_pools(record: Record, manual: int, auto: int) -> tuple[list[int], list[int]]:
+    """(manual, automatic) paraphrase indices of `record`, checked to hold `manual` and `auto` of them."""
     if record.num_manual is None:
         raise InputError(f"question {record.uuid}: --num_manual/--num_auto need to know which paraphrases are manual "
                          f"templates (MyriadLAMA, or a JSONL with 'num_manual')")
@@ -87,6 +109,13 @@ def manual_auto_mix(record: Record, manual: int, auto: int, n: int, seed: int) -
     if manual > len(manual_ids) or auto > len(auto_ids):
         raise InputError(f"question {record.uuid}: has {len(manual_ids)} manual and {len(auto_ids)} automatic "
                          f"paraphrases, fewer than --num_manual {manual} / --num_auto {auto}")
+    return manual_ids, auto_ids
+
+
+def manual_auto_mix(record: Record, manual: int, auto: int, n: int, seed: int) -> list[int]:
+    """Upstream's generate_original: draw `manual` of the manual templates and `auto` of the automatic ones,
+    then n of those, without replacement; seeded from (seed, uuid), so a run repeats."""
+    manual_ids, auto_ids = mix_pools(record, manual, auto)
     rng = random.Random(f"{seed}:{record.uuid}")
     pool = rng.sample(manual_ids, manual) + rng.sample(auto_ids, auto)
     return rng.sample(pool, n)

@@ -388,4 +388,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # Ctrl-C while a check imports torch or waits on the hub: one line, no traceback
+        print("interrupted; the checks above are all that ran", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -289,13 +289,13 @@ def test_the_weights_revision_is_part_of_the_cache(small_dataset, tmp_path, fake
 
 def test_save_entries_merges_with_what_is_there_and_keeps_the_newest_copy(tmp_path):
     path = tmp_path / "c" / "cache.feather"
-    save_entries(path, [{"key": "a", "confidence": 0.1}, {"key": "b", "confidence": 0.2}])
-    save_entries(path, [{"key": "b", "confidence": 0.9}, {"key": "c", "confidence": 0.3}])
+    save_entries(path, [{"key": "a", "confidence": 0.1, "seconds": 1.0}, {"key": "b", "confidence": 0.2, "seconds": 1.0}])
+    save_entries(path, [{"key": "b", "confidence": 0.9, "seconds": 2.0}, {"key": "c", "confidence": 0.3, "seconds": 1.0}])
     table = pd.read_feather(path)
     assert dict(zip(table["key"], table["confidence"])) == {"a": 0.1, "b": 0.9, "c": 0.3}
     assert table.index.tolist() == [0, 1, 2]
     assert confidence.cached_entries(tmp_path / "missing.feather") == {}
-    assert confidence.cached_entries(path)["b"] == {"key": "b", "confidence": 0.9}
+    assert confidence.cached_entries(path)["b"] == {"key": "b", "confidence": 0.9, "seconds": 2.0}
 
 
 # ---------------------------------------------------------------- the agreement bias's weights

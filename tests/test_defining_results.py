@@ -125,12 +125,13 @@ def test_settings_beside_no_row_are_stale_and_replaced(tmp_path):
     assert sidecar(table) == {"seed": 6}
 
 
-def test_settings_that_are_not_an_object_are_stale(tmp_path):
+def test_settings_that_are_not_an_object_are_refused_beside_rows(tmp_path):
     table = tmp_path / "t.feather"
     table.with_suffix(".settings.json").write_text("[1, 2]")
     ResultWriter(table).append(rows_of("q1"))
-    check_settings(table, {"seed": 0})
-    assert sidecar(table) == {"seed": 0}
+    with pytest.raises(InputError, match="is not a JSON object"):  # issue 37: never rewritten to claim this run's
+        check_settings(table, {"seed": 0})
+    assert table.with_suffix(".settings.json").read_text() == "[1, 2]"
 
 
 def test_unreadable_settings_are_refused_only_beside_rows(tmp_path):

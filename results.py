@@ -169,7 +169,14 @@ def provenance(model_name: str, device_map: str | None, model) -> dict:
             "model_id": model_id, "model_revision": model_revision(model), "device": str(device),
             "device_map": device_map,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "dtype": str(model.dtype).removeprefix("torch.")}
+            "dtype": str(model.dtype).removeprefix("torch."), **lemmatizer_provenance()}
+
+
+def lemmatizer_provenance() -> dict:
+    """Which lemmatiser the partial metric's scores come from (a spaCy pipeline or the lookup tables), and its
+    versions: the rows' `partial` column depends on it."""
+    from scoring import lemmatizer_name, lemmatizer_version
+    return {"lemmatizer": lemmatizer_name(), "lemmatizer_version": lemmatizer_version()}
 
 
 def current_umask() -> int:

@@ -42,6 +42,17 @@ def lemmatizer_name() -> str:
     return _load()[1]
 
 
+def lemmatizer_version() -> str:
+    """The versions behind the partial metric's lemmas: spaCy's, and the pipeline's or the lookup tables'."""
+    from importlib.metadata import PackageNotFoundError, version
+    nlp, name = _load()
+    try:
+        tables = nlp.meta.get("version") if name != LOOKUP_NAME else version("spacy-lookups-data")
+    except PackageNotFoundError:
+        tables = "unknown"
+    return f"spacy {spacy.__version__}; {'spacy-lookups-data' if name == LOOKUP_NAME else name} {tables}"
+
+
 def _is_punct(ch: str) -> bool:
     return ch in string.punctuation or unicodedata.category(ch).startswith("P")
 

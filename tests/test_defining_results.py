@@ -554,4 +554,7 @@ def test_provenance_names_code_versions_model_and_device():
     assert got["device"] == "cpu" and got["gpu"] is None and got["dtype"] == "bfloat16" and got["device_map"] is None
     assert got["torch"] == torch.__version__ and not math.isnan(len(got["python"]))
     assert set(got) == {"git_commit", "git_dirty", "python", "torch", "transformers", "model", "model_id",
-                        "model_revision", "device", "device_map", "gpu", "dtype"}
+                        "model_revision", "device", "device_map", "gpu", "dtype", "lemmatizer", "lemmatizer_version"}
+    import scoring  # which lemmas the partial metric used, and their versions
+    assert got["lemmatizer"] == scoring.lemmatizer_name() and got["lemmatizer_version"].startswith("spacy 3.")
+    assert ("spacy-lookups-data 1." in got["lemmatizer_version"]) == (got["lemmatizer"] == scoring.LOOKUP_NAME)

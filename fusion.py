@@ -11,7 +11,7 @@ from constants import (DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_BIAS, DEFAULT_FUSI
                        InputError)
 from dataset import FEWSHOT_FORMATS
 
-POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted as the old name of "left", here only
+POSITIONS = ("left", "right", "continuous")  # "aligned" is accepted for "left" (earlier scripts spell it so), here only
 FUSION_BIASES = ("none", "uniform", "sqrt", "confidence", "agreement", "shares")  # or a number B: log of APE's scale S
 BESIDE = ("none", "singles", "prior")  # rows decoded beside the fused row, their log-probabilities combined
 ISOLATIONS = ("full", "none")  # none: the paraphrases as one plain causal sequence (upstream's -n ablation)

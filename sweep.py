@@ -27,9 +27,9 @@ from runner import bind_model, fusion_flags, fusion_job, load_lm, logit_flags, l
 from selection import Selection
 
 LOGIT_SWEEP = ("avg", "avg_prob", "max")
-# the attention-level variants of the study (backend and compile as the run resolves them), the candidates of
-# issue 25 first: biases from the single answers' votes and from the attention shares, the fused row beside the N
-# plain prompts, contrasted with the question-free prompt; then the variants before them and the ablations
+# the attention-level variants of the study (backend and compile as the run resolves them): biases from the single
+# answers' votes and from the attention shares, the fused row beside the N plain prompts, contrasted with the
+# question-free prompt; then positions, few-shot format, temperature and bias, and the ablations
 STUDY_GRID = ([FusionSettings(bias="agreement"), FusionSettings(bias="shares"), FusionSettings(beside="singles"),
                FusionSettings(beside="prior", beside_weight=0.5), FusionSettings(beside="prior", beside_weight=1.0)]
               + [FusionSettings(positions=p, fewshot="fused") for p in ("left", "right")]

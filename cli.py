@@ -40,7 +40,7 @@ from constants import (DATASETS, DEFAULT_CONFIDENCE_SAMPLES, DEFAULT_DATASET, DE
                        SC_PROMPTS, InputError)
 from dataset import FEWSHOT_FORMATS, PROMPT_FORMATS
 from fusion import BESIDE, FUSION_BIASES, ISOLATIONS, POSITIONS, FusionSettings
-from results import printable
+from files import printable
 from runner import Interrupted, RunConfig
 from selection import Selection
 

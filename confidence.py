@@ -21,7 +21,8 @@ from tqdm import tqdm
 from constants import CONFIDENCE_TEMPERATURE, CONFIDENCE_TOP_P, InputError, safe_name
 from dataset import Dataset, Record
 from decoding import LanguageModel, Sampler, StopRule, answer_text, decode, greedy, single_rows
-from results import atomic_write, read_table
+from files import atomic_write
+from results import read_table
 
 CACHE_FOLDER = "confidence-cache"  # inside the output dir; evaluate.py reads only the folder's own *.feather
 

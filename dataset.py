@@ -185,10 +185,8 @@ def check_data_file(path: Path) -> None:
     except OSError as err:
         raise InputError(f"{path}: cannot read it ({type(err).__name__}: {err.strerror or err})") from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
-                "not a regular file")
-        raise InputError(f"data file {path} is {kind}, not a file of JSON lines")
+        from files import file_kind
+        raise InputError(f"data file {path} is {file_kind(mode)}, not a file of JSON lines")
 
 
 def jsonl_lines(path: Path, digest=None):

@@ -23,7 +23,8 @@ from constants import (CALIBRATION_BINS, DEFAULT_FEWSHOT_FORMAT, DEFAULT_FUSION_
                        DEFAULT_POSITIONS, DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, EXIT_BAD_INPUT,
                        LOGIT_METHODS, InputError)
 from cli import OneLineParser
-from results import atomic_write, check_writable_dir, read_settings
+from files import atomic_write, check_writable_dir
+from results import read_settings
 from significance import FEW_DISCORDANT
 
 REQUIRED_COLUMNS = (
@@ -177,7 +178,7 @@ def _samples_tag(samples, n: int) -> list[str]:
 
 
 def _warn(line: str) -> None:
-    from results import printable
+    from files import printable
     print(printable(f"evaluate.py: warning: {line}"), file=sys.stderr)
 
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from constants import (CACHE_DIR, EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE, GEMMA_GGUF, GEMMA_MODEL,
                        GEMMA_PACKAGE, GEMMA_SHA256, MODELS, PACKAGED_MODELS, TINY_MODELS, InputError,
                        first_line, warnings_only_if_it_works)
+from files import file_sha256
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,7 +132,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        from results import current_umask
+        from files import current_umask
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the shared cache from collaborators
         for file in tmp.iterdir():  # and the weights as readable as the folder (safetensors writes them 0600)
             file.chmod(0o666 & ~current_umask())
@@ -251,7 +252,7 @@ def check_cache_dir(cache_dir: Path | None = None) -> None:
     """The cache folder (constants.CACHE_DIR, moved by SELF_ENSEMBLE_CACHE) is, or can be created as, a folder:
     not a file, not below a file, not a symlink loop. InputError naming SELF_ENSEMBLE_CACHE otherwise; creates
     nothing, and does not ask for write access (a read-only cache that holds everything needed works)."""
-    from results import existing_ancestor, symlink_trouble
+    from files import existing_ancestor, symlink_trouble
     folder = Path(cache_dir or CACHE_DIR)
     existing = existing_ancestor(folder)
     trouble = symlink_trouble(existing)
@@ -286,11 +287,6 @@ def read_revisions(cache: Path) -> dict:
     return kept if isinstance(kept, dict) else {}
 
 
-def file_sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def folder_revision(folder: Path, cache_dir: Path | None = None) -> str:
     """A content hash of a local model folder (see model_files): the sha256 of each file, reused from
     CACHE_DIR/revisions.json while the file's absolute path, size and mtime_ns are unchanged (a re-saved file gets
@@ -309,7 +305,7 @@ def folder_revision(folder: Path, cache_dir: Path | None = None) -> str:
             kept[key], changed = entry, True
         digest.update(f"{file.name}\t{entry['sha256']}\n".encode())
     if changed:
-        from results import atomic_write
+        from files import atomic_write
         text = json.dumps(kept, indent=1, sort_keys=True)
         try:
             atomic_write(cache, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -17,7 +17,7 @@ from constants import (CACHE_DIR, DEFAULT_PARAPHRASE_TEMPERATURE, DEFAULT_PARAPH
                        PARAPHRASE_EXAMPLES, PARAPHRASE_INSTRUCTION, InputError, safe_name)
 from dataset import Record
 from decoding import LanguageModel, Row, Sampler, StopRule, answer_text, build_row, decode, eos_ids
-from results import atomic_write
+from files import atomic_write
 
 log = logging.getLogger(__name__)
 

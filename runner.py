@@ -5,7 +5,6 @@ result table. The flags themselves are cli.py's."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import Counter
 import logging
 import os
@@ -24,8 +23,8 @@ from constants import (DEFAULT_DATASET, DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_PARA
 from dataset import Dataset, Record, load_dataset_by_name, resolve_paraphrase_set
 from selection import Selection
 from decoding import LanguageModel, PrefixCache
-from results import (ResultWriter, TableLock, check_settings, check_table_path, check_writable_dir, provenance,
-                     table_file_names)
+from files import check_writable_dir, file_sha256
+from results import ResultWriter, TableLock, check_settings, check_table_path, provenance, table_file_names
 
 log = logging.getLogger("self_ensemble")
 WEBQA_PROMPTS = 6  # upstream's WebQA: the original question and 5 paraphrases made by the model
@@ -302,19 +301,6 @@ def check_prompts(model, dataset: Dataset, rows_of: Callable[[Record], list], ma
     from decoding import check_context
     for record in dataset.records:
         check_context(model, rows_of(record), max_new_tokens, record.uuid)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative paths and contents, in sorted order)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(f"{file.relative_to(path).as_posix()}\n".encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def data_fingerprint(config: RunConfig, dataset: Dataset) -> str:

@@ -20,10 +20,10 @@ def rows(n: int, start: int = 0, split: str | None = None) -> list[str]:
             for i in range(start, start + n)]
 
 
-@pytest.mark.parametrize("kind", ["a directory", "a FIFO", "a device"])
+@pytest.mark.parametrize("kind", ["a folder", "a FIFO", "a device"])
 def test_what_is_not_a_file_of_lines_is_named_not_read(tmp_path, kind):
     path = tmp_path / "data"
-    if kind == "a directory":
+    if kind == "a folder":
         path.mkdir()
     elif kind == "a FIFO":
         os.mkfifo(path)  # opening it would wait for a writer forever

@@ -1271,10 +1271,11 @@ def pick_default(results_dirs: Sequence[Path], metric: str) -> dict:
     accuracy = {label: {name: float(groups[label].rows[metric].mean()) for name, groups in sets.items()}
                 for label in labels}
     mean = {label: float(np.mean(list(acc.values()))) for label, acc in accuracy.items()}
-    best = max(labels, key=lambda label: (mean[label], label == DEFAULT_FUSION))
+    variants = [label for label in labels if label != DEFAULT_FUSION]
+    best = max(variants, key=lambda label: mean[label]) if variants else DEFAULT_FUSION
     pick = best if mean[best] > mean[DEFAULT_FUSION] else DEFAULT_FUSION
-    reason = (f"{best} averages {mean[best]:.3f} over {', '.join(sets)} against the default's "
-              f"{mean[DEFAULT_FUSION]:.3f}" + ("" if pick == best else "; no variant beat the default: it stays"))
+    reason = (f"the default averages {mean[DEFAULT_FUSION]:.4f} over {', '.join(sets)}, the best variant ({best}) "
+              f"{mean[best]:.4f}: " + ("it is the pick" if pick == best else "no variant beat the default, it stays"))
     first_set = next(iter(sets.values()))
     return {"rule": PICK_RULE, "metric": metric, "half": "choose", "sets": list(sets), "pick": pick,
             "settings": fusion_settings_of(first_set[pick]), "default": DEFAULT_FUSION, "reason": reason,

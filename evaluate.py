@@ -1245,7 +1245,7 @@ STUDY_HEADER = (
     "the corrected p < 0.05, else not separated. diversity gain: the method minus its repeat control (one "
     "paraphrase, drawn per question, N times, at the same settings), with its interval, b, c and p. An interval "
     "resting on fewer than {few} discordant questions is flagged (few). model tokens/question: prompt and decode "
-    "tokens run through the model per question. per_prompt's accuracy is the mean single prompt."
+    "tokens run through the model per question."
 )
 
 

@@ -353,8 +353,9 @@ def prefill_rows(lm: LanguageModel, rows: list[Row], n: int, renderer: Renderer,
     """The prompt rows (n per question) into a KV cache, the shared prefix taken from the model's prefix
     cache: the last prompt token's logits [R, V] and the live rows."""
     shared = shared_prefix_length(rows) if lm.prefix_cache is not None else 0
-    if shared and getattr(renderer, "keeps_all_keys", True) is False and reaches_window(lm.model, rows, max_new_tokens):
-        shared = 0  # transformers' windows count slots: padding between prefix and question would move them
+    plain = getattr(renderer, "keeps_all_keys", True) is False  # transformers' masks: windows count slots
+    if shared and plain and reaches_window(lm.model, rows, max_new_tokens):
+        shared = 0  # padding between the prefix and the question would move the window
     ids, pos, seg = pad_left(rows, lm.tokenizer.pad_token_id, lm.device, after=shared)
     mask = renderer(seg, max_new_tokens, positions=pos)
     stats.prefill_tokens += ids[:, shared:].numel()

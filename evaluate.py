@@ -1232,6 +1232,7 @@ PICK_RULE = ("the attention-level variant (at the study's N, first-N paraphrases
              "average is above the default's, else the default stays")
 FUSION_FIELDS = {"positions": "positions", "fusion_bias": "bias", "fusion_temperature": "temperature",
                  "fewshot_format": "fewshot", "isolation": "isolation", "beside": "beside", "beside_weight": "beside_weight"}
+HALF_NAMES = ("choose", "confirm")  # a results dir named after its half is named by its dev set (its parent)
 REPEAT_TAGS = ("S1", "repeat")  # the repeat control's design: one paraphrase, drawn per question, N times
 STUDY_COLUMNS = ("method", "N", "questions", "accuracy", "95% CI", "vs default", "b, c", "p (Holm)", "verdict",
                  "vs vote", "b, c vote", "p vote", "diversity gain", "b, c control", "p control",
@@ -1281,9 +1282,6 @@ def pick_default(results_dirs: Sequence[Path], metric: str) -> dict:
             "settings": fusion_settings_of(first_set[pick]), "default": DEFAULT_FUSION, "reason": reason,
             "candidates": {label: {"mean": mean[label], **accuracy[label]}
                            for label in sorted(labels, key=lambda label: -mean[label])}}
-
-
-HALF_NAMES = ("choose", "confirm")  # a results dir named after its half is named by its dev set (its parent)
 
 
 def write_pick(results_dirs: Sequence[Path], output: Path, metric: str) -> dict:

@@ -187,5 +187,5 @@ DEFAULT_SC_TEMPERATURE = 0.7
 DEFAULT_SC_TOP_P = 1.0
 SC_PROMPTS = ("first", "each")
 DEFAULT_SC_PROMPTS = "first"
-# Calibration in evaluate.py: expected calibration error over equal-mass bins of the rows' confidence.
+# Calibration (self_ensemble/calibration.py): expected calibration error over equal-mass bins of the rows' confidence.
 CALIBRATION_BINS = 10

@@ -133,11 +133,12 @@ def encode_prompt(tokenizer, prefix: str, segments: list[str], suffix: str) -> t
     return shared[0], blocks[0], shared[1]
 
 
-def pad_left(rows: list[Row], pad_id: int, device: torch.device, after: int = 0
+def pad_left(rows: list[Row], pad_id: int, device: torch.device, after: int = 0, width: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, position_ids, segment_ids) as [R, L] tensors, padded on the left of each row's tokens
-    after its first `after` (a shared prefix read from the cache: mid-padding keeps it in place)."""
-    width = max(len(r.input_ids) for r in rows)
+    """(input_ids, position_ids, segment_ids) as [R, L] tensors (L: `width`, default the longest row), padded
+    on the left of each row's tokens after its first `after` (a shared prefix read from the cache:
+    mid-padding keeps it in place)."""
+    width = width or max(len(r.input_ids) for r in rows)
     def pad(values: list[int], fill: int) -> list[int]:
         return values[:after] + [fill] * (width - len(values)) + values[after:]
     ids = torch.tensor([pad(r.input_ids, pad_id) for r in rows], device=device)
@@ -158,6 +159,7 @@ class MaskRenderer(Protocol):
     def prefill(self, cached: int = 0) -> dict: ...
     def step(self) -> dict: ...
     def select(self, rows: torch.Tensor) -> None: ...
+    def retire(self, rows: torch.Tensor) -> None: ...
 
 
 class PaddingMask:
@@ -183,6 +185,9 @@ class PaddingMask:
 
     def select(self, rows: torch.Tensor) -> None:
         self.mask = self.mask[rows]
+
+    def retire(self, rows: torch.Tensor) -> None:
+        """Rows that only fill the batch from now on (ballast): nothing here records them."""
 
 
 @dataclass
@@ -279,9 +284,12 @@ def shared_segment(segment_id: int) -> bool:
     return segment_id == PREFIX_SEGMENT or SHOT_STRIDE <= segment_id < FUSED_SEGMENT
 
 
+PREFIX_ENTRIES = 4  # prefixes kept: a shared sweep's batches alternate between the plain and fused few-shot prefixes
+
+
 class PrefixCache:
     """The KV of the shared prefix (instruction and few-shot examples), computed once per run and prompt
-    format and reused by every batch, as serving engines cache prefixes. One per loaded model; keyed by
+    format and reused by every batch, as serving engines cache prefixes; the PREFIX_ENTRIES most recently used. One per loaded model; keyed by
     the prefix's ids, positions, the mask it is encoded under, dtype, device and the weights' version
     (weights changed in place recompute it)."""
 
@@ -296,8 +304,11 @@ class PrefixCache:
         rule = mask.prefix_key(len(ids)) if examples else ("causal",)
         key = (tuple(ids.tolist()), tuple(pos.tolist()), rule, model.dtype, str(ids.device), weights_version(model))
         computed = 0
-        if key not in self.entries:
-            self.entries = {}  # one prompt format at a time: a new one replaces the old
+        if key in self.entries:
+            self.entries[key] = self.entries.pop(key)  # the most recently used last
+        else:
+            while len(self.entries) >= PREFIX_ENTRIES:  # the least recently used goes
+                self.entries.pop(next(iter(self.entries)))
             encoder = mask.first_row() if examples else PaddingMask(torch.zeros_like(ids)[None], 0)
             with encoder.attention(model):  # the prefix sees only itself (an example: the prefix and its block)
                 _, cache = prefill(model, ids[None], pos[None], encoder.prefix(len(ids)),
@@ -347,27 +358,94 @@ class LiveRows:
 Renderer = Callable[[torch.Tensor, int], MaskRenderer]  # (segment ids [R, L], max new tokens) -> its renderer
 
 
+@dataclass
+class Encoded:
+    """Prompt rows padded to one width and run through the model up to column `length`: the shared prefix
+    (its first `shared` columns) and each row's text before the answer cue. What every attention-level
+    variant that reads the paraphrases alike decodes from (methods.decode_fusions): ids, positions and
+    segments [E, W], and the KV cache's (keys, values) per layer over the first `length` columns."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    segments: torch.Tensor
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+    shared: int
+
+    def join(self, other: "Encoded") -> "Encoded":
+        """These rows, then `other`'s (encoded to the same columns)."""
+        if (other.length, other.shared, other.ids.shape[1]) != (self.length, self.shared, self.ids.shape[1]):
+            raise RuntimeError("joined encodings must cover the same columns")
+        return Encoded(*(torch.cat([a, b]) for a, b in ((self.ids, other.ids), (self.positions, other.positions),
+                                                         (self.segments, other.segments))),
+                       [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.layers, other.layers)],
+                       self.length, self.shared)
+
+    def take(self, rows: list[int]) -> "Encoded":
+        """The rows at these indices, in this order (a row may be taken several times)."""
+        index = torch.tensor(rows, device=self.ids.device)
+        return Encoded(self.ids[index], self.positions[index], self.segments[index],
+                       [(k[index], v[index]) for k, v in self.layers], self.length, self.shared)
+
+
+def answer_cue_column(segments: torch.Tensor) -> int:
+    """The first column where any row's answer cue (the suffix after the paraphrases) starts: what comes
+    before it reads only the prefix and each row's own paraphrase."""
+    cue = (segments == FUSED_SEGMENT).any(0).nonzero()
+    return int(cue[0]) if len(cue) else segments.shape[1]
+
+
+def cache_with_prefix(lm: LanguageModel, first: Row, rows: int, ids: torch.Tensor, pos: torch.Tensor,
+                      mask: MaskRenderer, shared: int, stats: DecodeStats) -> DynamicCache:
+    """A KV cache of the kind `mask` needs, holding the `rows` rows' first `shared` tokens (those of the `first`
+    row, as every row's) from the prefix cache."""
+    if not shared:
+        return new_cache(lm.model, mask.keeps_all_keys)
+    examples = any(s != PREFIX_SEGMENT for s in first.segment_ids[:shared])  # --fewshot-format fused
+    cache, computed = lm.prefix_cache.batch(lm.model, ids[0, :shared], pos[0, :shared], rows, mask, examples)
+    stats.prefill_tokens += computed
+    return cache
+
+
+@torch.inference_mode()
+def encode_rows(lm: LanguageModel, rows: list[Row], encoder: Renderer, shared: int, width: int,
+                stats: DecodeStats, upto: int | None = None) -> Encoded:
+    """The rows (padded to `width`, their first `shared` tokens from the model's prefix cache) encoded under
+    `encoder`'s mask up to column `upto` (default: their answer cue, `answer_cue_column`)."""
+    ids, pos, seg = pad_left(rows, lm.tokenizer.pad_token_id, lm.device, after=shared, width=width)
+    upto = answer_cue_column(seg) if upto is None else upto
+    mask = encoder(seg, 0, positions=pos)
+    cache = cache_with_prefix(lm, rows[0], len(rows), ids, pos, mask, shared, stats)
+    if upto > shared:
+        stats.prefill_tokens += ids[:, shared:upto].numel()
+        with mask.attention(lm.model):
+            _, cache = prefill(lm.model, ids[:, shared:upto], pos[:, shared:upto], mask.prefill(shared, upto),
+                               cache=cache)
+    return Encoded(ids, pos, seg, [(layer.keys, layer.values) for layer in cache.layers], upto, shared)
+
+
 @torch.inference_mode()
 def prefill_rows(lm: LanguageModel, rows: list[Row], n: int, renderer: Renderer, max_new_tokens: int,
-                 stats: DecodeStats) -> tuple[torch.Tensor, LiveRows]:
+                 stats: DecodeStats, encoded: Encoded | None = None) -> tuple[torch.Tensor, LiveRows]:
     """The prompt rows (n per question) into a KV cache, the shared prefix taken from the model's prefix
-    cache: the last prompt token's logits [R, V] and the live rows."""
-    shared = shared_prefix_length(rows) if lm.prefix_cache is not None else 0
-    plain = getattr(renderer, "keeps_all_keys", True) is False  # transformers' masks: windows count slots
-    if shared and plain and reaches_window(lm.model, rows, max_new_tokens):
-        shared = 0  # padding between the prefix and the question would move the window
-    ids, pos, seg = pad_left(rows, lm.tokenizer.pad_token_id, lm.device, after=shared)
+    cache, or continued from `encoded` (the same rows, encoded up to a column): the last prompt token's
+    logits [R, V] and the live rows."""
+    if encoded is not None:
+        ids, pos, seg, done = encoded.ids, encoded.positions, encoded.segments, encoded.length
+        if not torch.equal(pad_left(rows, lm.tokenizer.pad_token_id, lm.device, encoded.shared, ids.shape[1])[0], ids):
+            raise RuntimeError("the encoded rows are not the rows decoded")
+    else:
+        done = shared_prefix_length(rows) if lm.prefix_cache is not None else 0
+        plain = getattr(renderer, "keeps_all_keys", True) is False  # transformers' masks: windows count slots
+        if done and plain and reaches_window(lm.model, rows, max_new_tokens):
+            done = 0  # padding between the prefix and the question would move the window
+        ids, pos, seg = pad_left(rows, lm.tokenizer.pad_token_id, lm.device, after=done)
     mask = renderer(seg, max_new_tokens, positions=pos)
-    stats.prefill_tokens += ids[:, shared:].numel()
-    cache = new_cache(lm.model, mask.keeps_all_keys)
-    if shared:
-        examples = any(s != PREFIX_SEGMENT for s in rows[0].segment_ids[:shared])  # --fewshot-format fused
-        cache, computed = lm.prefix_cache.batch(lm.model, ids[0, :shared], pos[0, :shared], len(rows), mask,
-                                                examples)
-        stats.prefill_tokens += computed
+    stats.prefill_tokens += ids[:, done:].numel()
+    cache = (new_cache(lm.model, mask.keeps_all_keys, encoded.layers or None) if encoded is not None
+             else cache_with_prefix(lm, rows[0], len(ids), ids, pos, mask, done, stats))
     with mask.attention(lm.model):
-        logits, cache = prefill(lm.model, ids[:, shared:], pos[:, shared:], mask.prefill(shared), cache=cache)
-    return logits[:, -1], LiveRows(cache, mask, pos[:, -1] + 1, torch.arange(len(rows) // n, device=lm.device))
+        logits, cache = prefill(lm.model, ids[:, done:], pos[:, done:], mask.prefill(done), cache=cache)
+    return logits[:, -1], LiveRows(cache, mask, pos[:, -1] + 1, torch.arange(len(ids) // n, device=lm.device))
 
 
 def reaches_window(model, rows: list[Row], max_new_tokens: int) -> bool:
@@ -387,18 +465,25 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache
 @torch.inference_mode()
 def decode_n_tokens(lm: LanguageModel, logits: torch.Tensor, live: LiveRows, n: int, choose: Chooser,
                     stop: StopRule, stats: DecodeStats) -> list[list[int]]:
-    """From the prompt's last logits: each step `choose`s one token per live question (its n rows get
-    it), finished questions leave the batch, until every question has stopped."""
+    """From the prompt's last logits: each step `choose`s one token per live question (its n rows get it),
+    finished questions leave the batch, until every question has stopped; while the batch would otherwise run
+    fewer than MIN_ROWS rows, finished questions stay in it as ballast (never chosen for, not recorded; their
+    rows are run, and counted in `stats`)."""
     outputs: list[list[int]] = [[] for _ in range(len(live.questions))]
+    finished = [False] * len(outputs)
     with live.mask.attention(lm.model):
         while True:
-            tokens = choose(logits.float().view(len(live.questions), n, -1), live.questions)
-            for q, t in zip(live.questions.tolist(), tokens.tolist()):
+            asked = torch.tensor([not finished[q] for q in live.questions.tolist()], device=lm.device)
+            tokens = torch.zeros(len(asked), dtype=torch.long, device=lm.device)  # ballast reads any token
+            tokens[asked] = choose(logits.float().view(len(asked), n, -1)[asked], live.questions[asked])
+            for q, t in zip(live.questions[asked].tolist(), tokens[asked].tolist()):
                 outputs[q].append(t)
-            keep = torch.tensor([not stop.done(outputs[q], lm.tokenizer) for q in live.questions.tolist()],
-                                device=lm.device)
+                finished[q] = stop.done(outputs[q], lm.tokenizer)
+            keep = torch.tensor([not finished[q] for q in live.questions.tolist()], device=lm.device)
             if not keep.any():
                 return outputs
+            live.mask.retire((~keep).repeat_interleave(n))
+            keep = keep_ballast(keep, n)
             if not keep.all():
                 tokens = tokens[keep]
                 live.keep(keep, n)
@@ -409,13 +494,30 @@ def decode_n_tokens(lm: LanguageModel, logits: torch.Tensor, live: LiveRows, n: 
             stats.decode_tokens += step_ids.numel()
 
 
+MIN_ROWS = 4  # a CPU matmul of 1-3 rows takes another kernel, whose rounding differs from the batched one's: a batch
+# that starts with 4 rows never runs fewer, so a row's logits do not depend on what else is in its batch
+# (tests/test_shared_sweep.py); one that starts smaller (batch 1) keeps its size, at its own cost
+
+
+def keep_ballast(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """`keep` (live questions [Q] bool) with finished questions kept, first ones first, until MIN_ROWS rows remain
+    (or every row, when the batch has fewer)."""
+    missing = -(-MIN_ROWS // n) - int(keep.sum())
+    if missing <= 0:
+        return keep
+    kept = keep.clone()
+    kept[(~keep).nonzero().squeeze(-1)[:missing]] = True
+    return kept
+
+
 def decode(lm: LanguageModel, rows: list[Row], n: int, choose: Chooser, stop: StopRule,
-           renderer: Renderer | None = None) -> tuple[list[list[int]], DecodeStats]:
+           renderer: Renderer | None = None, encoded: Encoded | None = None) -> tuple[list[list[int]], DecodeStats]:
     """Decode all questions of a batch together: rows [q*n, (q+1)*n) belong to question q and receive
-    the same chosen token. `renderer` makes the attention mask (default: plain causal with padding)."""
+    the same chosen token. `renderer` makes the attention mask (default: plain causal with padding);
+    `encoded`: the rows already encoded up to a column (`encode_rows`), continued from there."""
     start = time.perf_counter()
     stats = DecodeStats()
-    logits, live = prefill_rows(lm, rows, n, renderer or PaddingMask, stop.max_new_tokens, stats)
+    logits, live = prefill_rows(lm, rows, n, renderer or PaddingMask, stop.max_new_tokens, stats, encoded)
     outputs = decode_n_tokens(lm, logits, live, n, choose, stop, stats)
     stats.seconds = time.perf_counter() - start
     return outputs, stats

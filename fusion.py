@@ -84,6 +84,19 @@ class FusionSettings:
                    (f"beside_{self.beside}_w{self.beside_weight:g}" if self.beside != "none" else "", ""))
         return "".join(f"-{value}" for value, default in spelled if value != default)
 
+    def encoding(self) -> "FusionSettings":
+        """What the paraphrases' K/V depend on: each paraphrase reads only the prefix and itself, so bias,
+        temperature and rows beside (what the answer reads) change nothing before the answer cue; only the
+        positions, the isolation, the few-shot format and the backend do. Fused few-shot examples are read
+        by the paraphrases with the examples' bias and 1/T, which then count too. Variants with one
+        encoding decode from one prefill (methods.decode_fusions)."""
+        if self.fewshot != "fused":
+            bias, temperature = "none", 1.0
+        else:  # the examples' bias: -1/2 log N under sqrt, none under none, -log N under any other
+            bias, temperature = (self.bias if self.bias in ("none", "sqrt") else "uniform"), self.temperature
+        return FusionSettings(self.positions, bias, temperature, self.fewshot, self.backend, self.compile,
+                              self.isolation)
+
     def table_name(self, n: int) -> str:
         """flex_attention-<N>.feather for the defaults; other variants named, so they sit side by side."""
         return f"flex_attention-{n}{self.variant()}.feather"

@@ -15,8 +15,8 @@ import torch
 from confidence import normalised_weights, row_generator
 from constants import DEFAULT_SC_PROMPTS, DEFAULT_SC_TEMPERATURE, DEFAULT_SC_TOP_P, SC_PROMPTS, InputError
 from dataset import Dataset, Record
-from decoding import (Chooser, DecodeStats, LanguageModel, Row, StopRule, answer_text, decode, fused_row, greedy,
-                      shared_prefix_length, single_rows)
+from decoding import (Chooser, DecodeStats, Encoded, LanguageModel, Renderer, Row, StopRule, answer_text, decode,
+                      encode_rows, fused_row, greedy, shared_prefix_length, single_rows)
 from fusion import FusionSettings
 from results import result_row
 from segment_mask import AttentionShares, SegmentMask, flex_available, segment_biases
@@ -281,8 +281,11 @@ def sampled_row(lm: LanguageModel, record: Record, parts, rows: list[Row], reads
                       sample_paraphrase_indices=[indices[i] for i in reads])
 
 
-def fusion_biases(settings: FusionSettings, batch: list[Record], n: int,
-                  weights: dict[str, tuple[list[float], bool]] | None, device) -> torch.Tensor | None:
+Weights = dict[str, tuple[list[float], bool]]  # uuid -> (normalised weights, fallback flag): biases confidence,
+# agreement and shares
+
+
+def fusion_biases(settings: FusionSettings, batch: list[Record], n: int, weights: Weights | None, device) -> torch.Tensor | None:
     """[B, N] score biases of the question's paraphrases (None without a bias); `weights` (uuid ->
     normalised weights, fallback flag) for bias confidence, agreement and shares."""
     if settings.bias == "none":
@@ -294,13 +297,14 @@ def fusion_biases(settings: FusionSettings, batch: list[Record], n: int,
 
 
 def share_weights(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
-                  settings: FusionSettings) -> dict[str, tuple[list[float], bool]]:
+                  settings: FusionSettings, encodings: dict | None = None) -> dict[str, tuple[list[float], bool]]:
     """bias shares: one token decoded first under the uniform bias, its attention share on each paraphrase s_i
     (averaged over heads and layers), and weights w_i proportional to 1/s_i (uuid -> (weights, False)): the
     bias log w_i then gives every paraphrase about the same share of the answer's attention. Equal shares give
-    w = 1/N, the uniform bias itself."""
+    w = 1/N, the uniform bias itself. `encodings`: the batch's encodings to share (`decode_fusions`)."""
     first = replace(settings, bias="uniform", record_attention=True, beside="none")
-    _, _, _, shares = decode_fused_shares(lm, dataset, batch, n, StopRule(stop.eos_ids, 1, False), first)
+    [(_, _, shares)], _ = decode_fusions(lm, dataset, batch, n, StopRule(stop.eos_ids, 1, False), [first], [None],
+                                         [greedy], encodings)
     weights = {}
     for b, record in enumerate(batch):
         inverse = [1.0 / max(s, 1e-9) for s in shares.shares(b)[0][1:n + 1]]
@@ -308,58 +312,172 @@ def share_weights(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: i
     return weights
 
 
-def decode_fused_shares(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
-                        settings: FusionSettings, weights: dict[str, tuple[list[float], bool]] | None = None,
-                        choose: Chooser = greedy
-                        ) -> tuple[list[Row], list[list[int]], DecodeStats, AttentionShares | None]:
-    """The fused rows of a batch of questions decoded with `settings`: (rows per question: the fused row, then
-    the rows beside it; generated tokens; decode statistics; the fused rows' attention shares when
-    settings.record_attention, else None). The one decode of attention-level fusion: the command, the debug
-    tool and the example all come here. `weights` (uuid -> normalised weights, fallback flag) for
-    --fusion-bias confidence, agreement or shares (`share_weights`)."""
-    parts = [dataset.prompt_parts(r, n, settings.fewshot) for r in batch]
-    rows = [[fused_row(lm.tokenizer, p, settings.positions), *beside_rows(lm, dataset, r, n, settings.beside)]
-            for r, p in zip(batch, parts)]
+def fusion_stacks(variants: list[FusionSettings]) -> list[list[int]]:
+    """The variants (their indices) decoded together as rows of one batch: one encoding, the same rows beside,
+    all at T = 1 or none (1/T takes the dense backend's own kernel); a variant recording attention alone."""
+    stacks: dict[tuple, list[int]] = {}
+    for i, v in enumerate(variants):
+        stacks.setdefault((v.encoding(), v.beside, v.temperature != 1.0, i if v.record_attention else None),
+                          []).append(i)
+    return list(stacks.values())
+
+
+def decode_fusions(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                   variants: list[FusionSettings], weights: list[Weights | None], chooses: list[Chooser],
+                   encodings: dict | None = None
+                   ) -> tuple[list[tuple[list[list[Row]], list[list[int]], AttentionShares | None]], DecodeStats]:
+    """A batch of questions decoded under each of `variants` (with its `weights` for the biases confidence,
+    agreement and shares, and its chooser): per variant (rows per question: the fused row, then the rows beside
+    it; generated tokens; the fused rows' attention shares when settings.record_attention, else None), and the
+    decode statistics of them all. The one decode of attention-level fusion: the commands, the sweep, the debug
+    tool and the example all come here. Variants with one encoding (FusionSettings.encoding) share one prefill
+    of the prefix and the paraphrases (`encodings`: those made for this batch, by key); those that also have
+    the same rows beside decode on from it together, as rows of one batch (`fusion_stacks`)."""
+    start, encodings = time.perf_counter(), {} if encodings is None else encodings
+    results: list = [None] * len(variants)
+    stats = DecodeStats()
+    for members in fusion_stacks(variants):
+        rows, outputs, shares, used = decode_stack(lm, dataset, batch, n, stop, [variants[i] for i in members],
+                                                   [weights[i] for i in members], [chooses[i] for i in members],
+                                                   encodings)
+        stats = stats.add(used)
+        for j, i in enumerate(members):
+            results[i] = (rows, outputs[j * len(batch):(j + 1) * len(batch)], shares)
+    stats.seconds = time.perf_counter() - start
+    return results, stats
+
+
+def decode_stack(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                 stack: list[FusionSettings], weights: list[Weights | None], chooses: list[Chooser], encodings: dict
+                 ) -> tuple[list[list[Row]], list[list[int]], AttentionShares | None, DecodeStats]:
+    """One stack of `fusion_stacks`: each variant's copy of the batch's rows decoded on from their encoding, the
+    variants one after the other in the batch (variant v's question q is the decode's question v * B + q)."""
+    first, stats = stack[0], DecodeStats()
+    rows = [[fused_row(lm.tokenizer, dataset.prompt_parts(r, n, first.fewshot), first.positions),
+             *beside_rows(lm, dataset, r, n, first.beside)] for r in batch]
+    encoded = stack_encoding(lm, rows, n, first, encodings, stats)
+    encoded = encoded.take(list(range(len(encoded.ids))) * len(stack))
     per_question = len(rows[0])
-    biases, masks = fusion_biases(settings, batch, n, weights, lm.device), []
-    if biases is not None and per_question > 1:  # the plain rows beside get none
-        biases = torch.cat([biases[:, None], biases.new_zeros(len(batch), per_question - 1, n)], 1).flatten(0, 1)
+    biases = stack_biases(stack, batch, n, weights, per_question, lm.device)
+    temperatures = [v.temperature for v in stack for _ in range(len(encoded.ids) // len(stack))]
+    masks = []
 
     def renderer(segment_ids: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None
                  ) -> SegmentMask:  # kept: its shares are returned
-        masks.append(SegmentMask(segment_ids, max_new_tokens, settings, biases, lm.model.dtype, paraphrases=n,
-                                 positions=positions))
+        masks.append(SegmentMask(segment_ids, max_new_tokens, first, biases, lm.model.dtype, paraphrases=n,
+                                 positions=positions, temperatures=temperatures if first.temperature != 1 else None))
         return masks[-1]
-
-    def choose_fused(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        return choose(combine_beside(logits, settings.beside, settings.beside_weight)[:, None], live)
-    outputs, stats = decode(lm, [row for question in rows for row in question], per_question,
-                            choose if per_question == 1 else choose_fused, stop, renderer)
+    flat = [row for _ in stack for question in rows for row in question]
+    outputs, used = decode(lm, flat, per_question, stack_chooser(stack, chooses, len(batch), per_question, lm.device),
+                           stop, renderer, encoded)
     shares = masks[0].shares and masks[0].shares.every(per_question)
+    return rows, outputs, shares, stats.add(used)
+
+
+def stack_encoding(lm: LanguageModel, rows: list[list[Row]], n: int, settings: FusionSettings, encodings: dict,
+                   stats: DecodeStats) -> Encoded:
+    """The batch's rows (per question: the fused row, then the rows beside it) encoded up to the fused rows'
+    answer cue; the fused rows' encoding is made once per batch and encoding (kept in `encodings`), the rows
+    beside (plain prompts: no bias, T = 1) are encoded for each stack that has them."""
+    flat = [row for question in rows for row in question]
+    shared = shared_prefix_length(flat) if lm.prefix_cache is not None else 0
+    width = max(len(row.input_ids) for row in flat)
+    key = (settings.encoding(), shared, width)
+    if key not in encodings:
+        encodings[key] = encode_rows(lm, [question[0] for question in rows], encoder(lm, settings.encoding(), n),
+                                     shared, width, stats)
+    fused, k = encodings[key], len(rows[0]) - 1
+    if not k:
+        return fused
+    plain = replace(settings.encoding(), bias="none", temperature=1.0)
+    beside = encode_rows(lm, [row for question in rows for row in question[1:]], encoder(lm, plain, n), shared,
+                         width, stats, upto=fused.length)
+    return fused.join(beside).take([i for q in range(len(rows)) for i in (q, *(len(rows) + q * k + j
+                                                                               for j in range(k)))])
+
+
+def encoder(lm: LanguageModel, settings: FusionSettings, n: int) -> Renderer:
+    """The renderer that encodes the paraphrases under `settings` (an encoding: no weights needed)."""
+    def render(segment_ids: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None) -> SegmentMask:
+        biases = None if settings.bias == "none" else torch.tensor(
+            [segment_biases(n, settings.bias)] * len(segment_ids), device=segment_ids.device)
+        return SegmentMask(segment_ids, max_new_tokens, settings, biases, lm.model.dtype, paraphrases=n,
+                           positions=positions)
+    return render
+
+
+def stack_biases(stack: list[FusionSettings], batch: list[Record], n: int, weights: list[Weights | None],
+                 per_question: int, device) -> torch.Tensor | None:
+    """[rows, N] score biases of the stack's rows (a variant without a bias: 0; the plain rows beside: 0), or
+    None when no variant has a bias."""
+    each = [fusion_biases(v, batch, n, w, device) for v, w in zip(stack, weights)]
+    if all(b is None for b in each):
+        return None
+    zeros = torch.zeros(len(batch), n, device=device)
+    each = [zeros if b is None else b for b in each]
+    if per_question > 1:  # the plain rows beside get none
+        each = [torch.cat([b[:, None], b.new_zeros(len(batch), per_question - 1, n)], 1).flatten(0, 1) for b in each]
+    return torch.cat(each)
+
+
+def stack_chooser(stack: list[FusionSettings], chooses: list[Chooser], questions: int, per_question: int,
+                  device) -> Chooser:
+    """Each variant's chooser on its own questions (variant v's are the decode's [v * Q, (v + 1) * Q)), once the
+    rows beside are combined with the fused row by the variant's weight."""
+    weight = torch.tensor([v.beside_weight for v in stack], device=device).repeat_interleave(questions)[:, None]
+
+    def choose(logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        if per_question > 1:
+            logits = combine_beside(logits, stack[0].beside, weight[live])[:, None]
+        tokens = torch.empty(len(live), dtype=torch.long, device=logits.device)
+        variant = torch.div(live, questions, rounding_mode="floor")
+        for v in variant.unique().tolist():
+            chosen = variant == v
+            tokens[chosen] = chooses[v](logits[chosen], live[chosen] - v * questions)
+        return tokens
+    return choose
+
+
+def decode_fused_shares(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                        settings: FusionSettings, weights: Weights | None = None, choose: Chooser = greedy
+                        ) -> tuple[list[list[Row]], list[list[int]], DecodeStats, AttentionShares | None]:
+    """`decode_fusions` of one variant: (rows per question: the fused row, then the rows beside it; generated
+    tokens; decode statistics; the attention shares when settings.record_attention, else None)."""
+    [(rows, outputs, shares)], stats = decode_fusions(lm, dataset, batch, n, stop, [settings], [weights], [choose])
     return rows, outputs, stats, shares
 
 
 def decode_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
-                 settings: FusionSettings, weights: dict[str, tuple[list[float], bool]] | None = None,
+                 settings: FusionSettings, weights: Weights | None = None,
                  choose: Chooser = greedy) -> tuple[list[Row], list[list[int]], DecodeStats]:
     """`decode_fused_shares` without the shares and the rows beside: (fused rows, generated tokens, stats)."""
     rows, outputs, stats, _ = decode_fused_shares(lm, dataset, batch, n, stop, settings, weights, choose)
     return [question[0] for question in rows], outputs, stats
 
 
-def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
-                 settings: FusionSettings = FusionSettings(),
-                 weights: dict[str, tuple[list[float], bool]] | None = None) -> tuple[list[dict], DecodeStats]:
-    """One fused row per question, decoded with `settings`: (result rows, decode statistics); with
-    settings.record_attention each row has `attention_share` (per generated token: prefix, paraphrases 1..N,
-    suffix and generated tokens; N+2 shares summing to 1, averaged over heads and layers)."""
-    start = time.perf_counter()
-    first_pass = settings.bias == "shares" and weights is None
-    if first_pass:  # computed here to be kept in the rows; its prompt tokens and seconds are counted
-        weights = share_weights(lm, dataset, batch, n, stop, settings)
-    recorder = Recorder(greedy)  # the fused row's distribution (combined with the rows beside, if any)
-    rows, outputs, stats, shares = decode_fused_shares(lm, dataset, batch, n, stop, settings, weights, recorder)
-    seconds = (time.perf_counter() - start) / len(batch)
+def answer_fusions(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                   variants: list[FusionSettings], weights: list[Weights | None]
+                   ) -> tuple[list[list[dict]], DecodeStats]:
+    """One fused row per question for each variant, decoded together (`decode_fusions`): (result rows per
+    variant, decode statistics). A row's `seconds` is its share of the time of them all; its token counts
+    are what the variant costs alone. With settings.record_attention each row has `attention_share` (per
+    generated token: prefix, paraphrases 1..N, suffix and generated tokens; N+2 shares summing to 1)."""
+    start, encodings, weights = time.perf_counter(), {}, list(weights)
+    first_pass = [v.bias == "shares" and w is None for v, w in zip(variants, weights)]
+    for i, needed in enumerate(first_pass):  # computed here to be kept in the rows; its prompt tokens counted
+        if needed:
+            weights[i] = share_weights(lm, dataset, batch, n, stop, variants[i], encodings)
+    recorders = [Recorder(greedy) for _ in variants]  # the fused row's distribution (with the rows beside)
+    results, stats = decode_fusions(lm, dataset, batch, n, stop, variants, weights, recorders, encodings)
+    seconds = (time.perf_counter() - start) / (len(batch) * len(variants))
+    return [fused_results(lm, batch, n, settings, result, recorder, w, seconds, extra)
+            for settings, result, recorder, w, extra in zip(variants, results, recorders, weights, first_pass)], stats
+
+
+def fused_results(lm: LanguageModel, batch: list[Record], n: int, settings: FusionSettings, result: tuple,
+                  recorder: Recorder, weights: Weights | None, seconds: float, first_pass: bool) -> list[dict]:
+    """One variant's result rows from its decode (`decode_fusions`' per variant result)."""
+    rows, outputs, shares = result
 
     def cost(row: list[Row], tokens: list[int]) -> dict:
         counts = token_counts(row, tokens)
@@ -370,7 +488,15 @@ def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: in
                        num_ensemble=n, **settings.row_fields(), **cost(row, tokens), **recorder.fields(b),
                        **(dict(zip(("weights", "weights_fallback"), weights[record.uuid])) if weights else {}),
                        **({"attention_share": shares.shares(b)} if shares is not None else {}))
-            for b, (record, row, tokens) in enumerate(zip(batch, rows, outputs))], stats
+            for b, (record, row, tokens) in enumerate(zip(batch, rows, outputs))]
+
+
+def answer_fused(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: int, stop: StopRule,
+                 settings: FusionSettings = FusionSettings(), weights: Weights | None = None
+                 ) -> tuple[list[dict], DecodeStats]:
+    """`answer_fusions` of one variant: (result rows, decode statistics)."""
+    rows, stats = answer_fusions(lm, dataset, batch, n, stop, [settings], [weights])
+    return rows[0], stats
 
 
 def resolve_backend(attn: str, compile: str, device: torch.device, device_map: str | None = None

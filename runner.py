@@ -9,7 +9,7 @@ from collections import Counter
 import logging
 import os
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -332,50 +332,70 @@ def run_job(config: RunConfig, dataset: Dataset, path: Path, answer_batch: Calla
     A question is finished when its `rows_per_question` rows are all written: an interrupted question is
     redone. The loaded `model` is recorded in the table's provenance. The table is locked while this runs.
     With --indexs the table goes where `RunConfig.table_path` says (upstream's diversity/ folder)."""
+    return run_tables([(config, path)], dataset, lambda batches: [answer_batch(batches[0])], model=model,
+                      rows_per_question=rows_per_question)[0]
+
+
+def run_tables(tables: list[tuple[RunConfig, Path]], dataset: Dataset,
+               answer: Callable[[list[list[Record]]], list[list[dict]]], *, model,
+               rows_per_question: Callable[[Record], int] = lambda record: 1) -> list:
+    """`run_job` for several tables of one dataset written together (the variants of a shared sweep): each
+    (config, path) its own table, settings, lock and resume; the questions go batch by batch, and `answer`
+    gets each table's questions of the batch still to do (possibly none) and gives each table's rows."""
     state = process_state()
-    torch.manual_seed(config.seed)
-    path = config.table_path(path)
-    with TableLock(path, state.process_index):
-        settings = {**output_settings(config, dataset), "provenance": provenance(config.model, config.device_map, model)}
-        check_settings(path, settings, write=state.is_main_process)
+    torch.manual_seed(tables[0][0].seed)
+    paths = [config.table_path(path) for config, path in tables]
+    with ExitStack() as locks:
+        for path in paths:
+            locks.enter_context(TableLock(path, state.process_index))
+        for (config, _), path in zip(tables, paths):
+            settings = {**output_settings(config, dataset), "provenance": provenance(config.model, config.device_map,
+                                                                                     model)}
+            check_settings(path, settings, write=state.is_main_process)
         state.wait_for_everyone()  # no rank writes rows before rank 0 has checked and written the settings
-        writer = ResultWriter(path, state.process_index)
         expected = Counter()
         for record in dataset.records:  # a sampled question is one record per selection
             expected[record.uuid] += rows_per_question(record)
-        writer.drop_incomplete(expected)
         order = list(expected)
-        mine = order[state.process_index::state.num_processes]  # a question's selections stay on one rank
-        done = writer.done_uuids(expected) & set(mine)
+        mine = set(order[state.process_index::state.num_processes])  # a question's selections stay on one rank
         if state.num_processes > 1:
             log.warning("process %d of %d: %d questions in this shard", state.process_index, state.num_processes,
                         len(mine))
-        if done:
-            log.warning("%s: resuming, %d of %d questions already done", path.name, len(done), len(mine))
-        todo = [r for r in dataset.records if r.uuid in set(mine) - done]
-        answer_all(todo, answer_batch, writer, config, (len(done), len(mine)), state.is_local_main_process)
+        writers, todo = [ResultWriter(path, state.process_index) for path in paths], []
+        for writer in writers:
+            writer.drop_incomplete(expected)
+            done = writer.done_uuids(expected) & mine
+            if done:
+                log.warning("%s: resuming, %d of %d questions already done", writer.path.name, len(done), len(mine))
+            todo.append(mine - done)
+        answer_all(dataset.records, todo, answer, writers, tables[0][0], len(mine), state.is_local_main_process)
         state.wait_for_everyone()
         if not state.is_main_process:
-            return None
-        df = writer.finish(order, expected)
-    print(f"{path.stem}: {len(df)} rows, exact {df['exact'].mean():.3f}, partial {df['partial'].mean():.3f} -> {path}")
-    return df
+            return [None] * len(tables)
+        frames = [writer.finish(order, expected) for writer in writers]
+    for path, df in zip(paths, frames):
+        print(f"{path.stem}: {len(df)} rows, exact {df['exact'].mean():.3f}, partial {df['partial'].mean():.3f} -> "
+              f"{path}")
+    return frames
 
 
-
-
-def answer_all(todo: list[Record], answer_batch: Callable[[list[Record]], list[dict]], writer: ResultWriter,
-               config: RunConfig, progress: tuple[int, int], show: bool) -> None:
-    """Answer and append `todo`, batch by batch, under a progress bar over questions (done, total); Ctrl-C
+def answer_all(records: list[Record], todo: list[set[str]], answer: Callable[[list[list[Record]]], list[list[dict]]],
+               writers: list[ResultWriter], config: RunConfig, total: int, show: bool) -> None:
+    """Answer and append each table's questions to do (`todo`: its uuids), batch by batch over the questions any
+    table still needs, under a progress bar over questions (a question counts when every table has it); Ctrl-C
     or SIGTERM ends it with Interrupted, saying how many questions are kept."""
-    kept, total = progress
-    left = Counter(r.uuid for r in todo)
+    needed = [r for r in records if any(r.uuid in uuids for uuids in todo)]
+    left = Counter(r.uuid for r in needed)
+    kept = total - len(left)
     try:
-        with tqdm(total=total, initial=kept, desc=writer.path.stem, unit="q", disable=not config.progress or not show
-                  ) as bar:
-            for start in range(0, len(todo), config.batch_size):
-                batch = todo[start:start + config.batch_size]
-                writer.append(answer_batch(batch))
+        with tqdm(total=total, initial=kept, desc=writers[0].path.stem, unit="q",
+                  disable=not config.progress or not show) as bar:
+            for start in range(0, len(needed), config.batch_size):
+                batch = needed[start:start + config.batch_size]
+                batches = [[r for r in batch if r.uuid in uuids] for uuids in todo]
+                for writer, rows, asked in zip(writers, answer(batches), batches):
+                    if asked:
+                        writer.append(rows)
                 left.subtract(r.uuid for r in batch)
                 finished = sum(1 for r in dict.fromkeys(r.uuid for r in batch) if left[r] == 0)
                 kept += finished
@@ -458,26 +478,46 @@ def logit_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, method: st
 
 def fusion_job(config: RunConfig, dataset: Dataset, lm: LanguageModel, settings, n: int):
     """One attention-level variant's table: `settings` (fusion.FusionSettings) over N paraphrases."""
+    return fusion_jobs([config], dataset, lm, [settings], n)[0]
+
+
+def fusion_jobs(configs: list[RunConfig], dataset: Dataset, lm: LanguageModel, variants: list, n: int) -> list:
+    """Attention-level variants' tables written together (`configs[i]` runs `variants[i]`, a FusionSettings, over
+    N paraphrases of one dataset): in every batch the variants that read the paraphrases alike share their
+    prefill (methods.answer_fusions); each table is the one its variant writes alone."""
     from confidence import bias_weights, check_cache, normalised_weights
     from decoding import StopRule, eos_ids, fused_row
-    from methods import answer_fused
-    table = config.table(settings.table_name(n), n)
+    from methods import answer_fusions
+    config = configs[0]
+    tables = [(c, c.table(v.table_name(n), n)) for c, v in zip(configs, variants)]
     stop = StopRule(eos_ids(lm.model, lm.tokenizer), config.max_new_tokens)
-    check_prompts(lm.model, dataset, lambda r: [fused_row(lm.tokenizer, dataset.prompt_parts(r, n, settings.fewshot),
-                                                          settings.positions)], config.max_new_tokens)
-
-    if settings.bias == "confidence":
+    for layout in dict.fromkeys((v.positions, v.fewshot) for v in variants):
+        check_prompts(lm.model, dataset, lambda r: [fused_row(lm.tokenizer, dataset.prompt_parts(r, n, layout[1]),
+                                                              layout[0])], config.max_new_tokens)
+    if any(v.bias == "confidence" for v in variants):
         check_cache(lm, config.method_flags["confidence_samples"], stop, config.out_dir(), config.seed, config.model)
 
-    def answer_batch(batch: list[Record]) -> list[dict]:
+    def weights_of(settings, batch: list[Record]):
         # plain prompts (confidence, agreement): decoded under sdpa by their own PaddingMask
-        conf = bias_weights(lm, dataset, batch, n, settings.bias, stop, config.method_flags["confidence_samples"],
+        return bias_weights(lm, dataset, batch, n, settings.bias, stop, config.method_flags["confidence_samples"],
                             config.out_dir(), config.seed, config.model, config.progress)
-        weights = conf and {u: normalised_weights(c) for u, c in conf.values.items()}
-        with compile_failures_in_one_line(settings):
-            rows = answer_fused(lm, dataset, batch, n, stop, settings, weights)[0]
-        return conf.annotate(rows) if conf else rows
-    return run_job(config, dataset, table, answer_batch, model=lm.model)
+
+    def answer(batches: list[list[Record]]) -> list[list[dict]]:
+        out: list[list[dict]] = [[] for _ in variants]
+        together: dict[tuple, list[int]] = {}  # the variants asked the same questions decode together
+        for i, batch in enumerate(batches):
+            if batch:
+                together.setdefault(tuple(r.uuid for r in batch), []).append(i)
+        for members in together.values():
+            batch = batches[members[0]]
+            confs = [weights_of(variants[i], batch) for i in members]
+            weights = [conf and {u: normalised_weights(c) for u, c in conf.values.items()} for conf in confs]
+            with compile_failures_in_one_line(variants[members[0]]):
+                rows = answer_fusions(lm, dataset, batch, n, stop, [variants[i] for i in members], weights)[0]
+            for i, conf, variant_rows in zip(members, confs, rows):
+                out[i] = conf.annotate(variant_rows) if conf else variant_rows
+        return out
+    return run_tables(tables, dataset, answer, model=lm.model)
 
 
 @contextmanager

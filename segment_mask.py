@@ -448,12 +448,19 @@ class AttentionShares:
         self.layers.append(share.to(self.columns.device))
 
     def flush(self) -> None:
-        """The last forward's layers into each live row's history."""
+        """The last forward's layers into each live row's history (not a retired row's)."""
         if self.layers:
             per_layer = torch.stack(self.layers, dim=1).cpu()
             for live, row in enumerate(self.rows.tolist()):
-                self.history[row].append(per_layer[live])
+                if row >= 0:
+                    self.history[row].append(per_layer[live])
             self.layers = []
+
+    def retire(self, rows: torch.Tensor) -> None:
+        """These live rows (bool [live]) only fill the batch from now on: from the next forward on, nothing of
+        theirs is kept."""
+        self.flush()
+        self.rows = torch.where(rows.to(self.rows.device), -1, self.rows)
 
     def select(self, rows: torch.Tensor) -> None:
         self.flush()
@@ -485,14 +492,15 @@ class SegmentMask:
     keys are divided by settings.temperature; settings.isolation none lets the paraphrases see each other;
     settings.record_attention keeps each generated token's `AttentionShares` over `paraphrases` (N; default:
     the largest question paraphrase segment id). `compile_backend` other than inductor is for tests that
-    count compiles. positions [B, L]: the rows' position ids, which a model with sliding-window layers needs
+    count compiles. temperatures [B]: each row's own T (rows of several variants decoded together), in place of
+    settings.temperature. positions [B, L]: the rows' position ids, which a model with sliding-window layers needs
     (`attention(model)` reads its layer types: each type gets its own mask, the window measured in positions)."""
     keeps_all_keys = True  # the windows are in the masks: a key out of one layer's window is in another's
 
     def __init__(self, segment_ids: torch.Tensor, max_new_tokens: int, settings: "FusionSettings",
                  biases: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                  compile_backend: str | Callable = "inductor", paraphrases: int | None = None,
-                 positions: torch.Tensor | None = None):
+                 positions: torch.Tensor | None = None, temperatures: list[float] | None = None):
         rows, self.length = segment_ids.shape
         self.total = self.length + max_new_tokens
         # generated tokens are fused; then padding up to a whole block past the end, because
@@ -507,8 +515,10 @@ class SegmentMask:
             if biases is not None else 0.0
         self.key_bias = self.token_bias(biases, example_bias) if biases is not None else None
         self.key_scale = None
-        if settings.temperature != 1.0:
-            self.key_scale = torch.where(paraphrase_tokens(self.segment_ids), 1.0 / settings.temperature, 1.0)
+        if temperatures is not None or settings.temperature != 1.0:
+            inverse = (1.0 / settings.temperature if temperatures is None else
+                       torch.tensor([1.0 / t for t in temperatures], device=segment_ids.device)[:, None])
+            self.key_scale = torch.where(paraphrase_tokens(self.segment_ids), inverse, 1.0)
             self.key_bias = self.key_bias if self.key_bias is not None else torch.zeros_like(self.key_scale)
         self.backend, self.dtype, self.isolation = settings.backend, dtype, settings.isolation
         self.score_ids = score_segments(self.segment_ids, self.isolation)
@@ -581,9 +591,11 @@ class SegmentMask:
         self.shares.next_query(self.render_dense(q, 1, q + 1, torch.float32))
         return {**kwargs, "attention_shares": self.shares}
 
-    def prefill(self, cached: int = 0) -> dict:
-        """The prompt's queries (those after `cached` tokens already in the KV cache) over the prompt."""
-        return self.recorded(self.render(cached, self.length - cached, self.length), self.length - 1)
+    def prefill(self, cached: int = 0, upto: int | None = None) -> dict:
+        """The prompt's queries after the `cached` tokens already in the KV cache (up to column `upto`, default
+        the whole prompt) over the keys before them."""
+        upto = self.length if upto is None else upto
+        return self.recorded(self.render(cached, upto - cached, upto), upto - 1)
 
     def first_row(self) -> "SegmentMask":
         """This mask for its first row only, recording nothing: what encodes a shared prefix that holds fused
@@ -629,6 +641,11 @@ class SegmentMask:
         block.mask_mod = self.mask_mod(offset, window)  # partial blocks: this query's row
         block.seq_lengths = (1, self.length)
         return block
+
+    def retire(self, rows: torch.Tensor) -> None:
+        """Rows that only fill the batch from now on (ballast, decoding.MIN_ROWS): their shares are not kept."""
+        if self.shares is not None:
+            self.shares.retire(rows)
 
     def select(self, rows: torch.Tensor) -> None:
         self.segment_ids = self.segment_ids[rows]

@@ -10,10 +10,13 @@ study's protocol; with --confirm PICK, its confirm half: the pick (evaluate.py -
     python sweep.py --confirm results/study/pick.json --half confirm --dataset jsonl --data-file ... --max-n 5
 
 It takes the commands' flags (data, model, decoding, fusion variant); every N is checked against the data
-before anything is written. Each table is resumable: running the sweep again skips what is finished.
+before anything is written. Attention-level variants next to each other in the plan share the prefill of the
+paraphrases (runner.fusion_jobs); each table is still its own file, equal to the one its command writes alone,
+and resumable: running the sweep again skips what is finished.
 """
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,7 +26,7 @@ from cli import add_fusion_flags, common_parser, fusion_settings, main_guard, pa
 from constants import REPO_DIR, InputError, safe_name
 from fusion import FusionSettings
 from models import resolve_device
-from runner import bind_model, fusion_flags, fusion_job, load_lm, logit_flags, logit_job, open_job, self_consistency
+from runner import bind_model, fusion_flags, fusion_jobs, load_lm, logit_flags, logit_job, open_job, self_consistency
 from selection import Selection
 
 LOGIT_SWEEP = ("avg", "avg_prob", "max")
@@ -95,6 +98,19 @@ def read_pick(path: str, default: FusionSettings) -> FusionSettings:
                          f"{str(err)[:100]})") from None
 
 
+def shared_groups(jobs: list[tuple[str, object, int, Selection | str | None]]) -> list[list[int]]:
+    """The jobs run together (their indices, in order): each run of attention-level jobs next to each other over
+    the same N and paraphrases writes its tables in one pass (runner.fusion_jobs); a logit-level job alone."""
+    groups: list[list[int]] = []
+    for i, (kind, _, n, chosen) in enumerate(jobs):
+        last = jobs[groups[-1][0]] if groups else None
+        if kind == "fusion" and last is not None and last[0] == "fusion" and (last[2], last[3]) == (n, chosen):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def describe(job: tuple[str, object, int, Selection | str | None]) -> str:
     kind, what, n, chosen = job
     sampled = (f", paraphrases {chosen}" if isinstance(chosen, str) else
@@ -102,8 +118,7 @@ def describe(job: tuple[str, object, int, Selection | str | None]) -> str:
     return f"{what}, N={n}{sampled}" if kind == "logit" else f"flex_attention, N={n}{sampled}: {what.describe()}"
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n\n")[0], omit=("--indexs", "--lemmaize"))
     add_fusion_flags(p)
     p.add_argument("--min-n", type=int, default=2)
@@ -117,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, metavar="S", help="also S sampled selections of N paraphrases per question "
                    "(avg and fusion), and the repeat control, for every N (upstream's synced samples)")
     p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
-    args = parse(p, argv)
+    return p
+
+
+def open_plan(args: argparse.Namespace) -> tuple[list, list]:
+    """The sweep's jobs and each one opened (runner.open_job: its data and output checked) before the model
+    loads or anything is written."""
     if not 1 <= args.min_n <= args.max_n:
         raise InputError(f"--min-n {args.min_n} / --max-n {args.max_n}: need 1 <= min <= max")
     if args.confirm and (args.study or args.samples):
@@ -127,24 +147,37 @@ def main(argv: list[str] | None = None) -> int:
     settings, _ = fusion_settings(args, resolve_device(args.device))
     jobs = plan(args, settings)
     opened = []
-    for kind, what, n, chosen in jobs:  # every job's data and output checked before the model loads or anything is written
+    for kind, what, n, chosen in jobs:
         sc = self_consistency({}, args.seed) if what == "self_consistency" else None
         flags = (logit_flags(what, n, args.confidence_samples, sc) if kind == "logit"
                  else fusion_flags(what, n, args.confidence_samples))
         config = run_config(args, **flags)
         config = replace(config, indexs=chosen) if isinstance(chosen, str) else replace(config, selection=chosen)
         opened.append(open_job(config, n))
-    for i, job in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {describe(job)}", flush=True)
-    if args.dry_run:
-        return 0
-    lm = load_lm(opened[0][0])
-    for (kind, what, n, _), (config, dataset) in zip(jobs, opened):
+    return jobs, opened
+
+
+def run_plan(jobs: list, opened: list, lm, shared: bool = True) -> None:
+    """Every job's table, the model loaded once; `shared`: attention-level variants next to each other share
+    their prefill (`shared_groups`), else each runs alone (what benchmarks/shared_sweep.py compares with)."""
+    for group in shared_groups(jobs) if shared else [[i] for i in range(len(jobs))]:
+        (kind, what, n, _), (config, dataset) = jobs[group[0]], opened[group[0]]
         bind_model(config, dataset, lm, n)
         if kind == "logit":
             logit_job(config, dataset, lm, what, n)
         else:
-            fusion_job(config, dataset, lm, what, n)
+            fusion_jobs([opened[i][0] for i in group], dataset, lm, [jobs[i][1] for i in group], n)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = parse(parser(), argv)
+    jobs, opened = open_plan(args)
+    for i, job in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {describe(job)}", flush=True)
+    if args.dry_run:
+        return 0
+    run_plan(jobs, opened, load_lm(opened[0][0]))
     return subprocess.call([sys.executable, str(REPO_DIR / "evaluate.py"), "--results-dir", args.output_dir])
 
 

@@ -141,14 +141,15 @@ def test_inductor_compiled_flex_equals_sdpa_and_compiles_nothing_new(inductor_gr
 @WRONG_ON_THIS_CPU
 def test_inductor_compiled_flex_without_a_score_mod_and_the_fused_fewshot_format():
     """No bias (no score_mod: other graphs) and the few-shot examples as paraphrases (a longer prompt): equal
-    to sdpa, in at most 6 graphs (prefill and decode; past one 128-token block, its size-1 specialisation)."""
+    to sdpa, in at most 7 graphs (the paraphrases' encoding, which has no score_mod, the answer cue's prefill and
+    decode; past one 128-token block, its size-1 specialisation)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     assert_same_as_sdpa(FusionSettings(bias="none"), SHORT[:3])
     assert_same_as_sdpa(FusionSettings(fewshot="fused"), SHORT[:2], FEW_SHOT)
     print("graphs compiled:", counters["stats"]["unique_graphs"] - before)
-    assert counters["stats"]["unique_graphs"] - before <= 6
+    assert counters["stats"]["unique_graphs"] - before <= 7
     torch._dynamo.reset()
 
 

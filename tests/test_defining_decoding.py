@@ -205,9 +205,15 @@ def test_a_finished_question_leaves_the_batch_and_the_others_go_on(llama):
     outputs, stats = decode(LanguageModel(model, tokenizer), rows, 1, greedy, StopRule({stop_token}, 6, False))
     assert outputs == expected
     lengths = [len(e) for e in expected]
-    # step s runs the questions still decoding after s tokens, one row each
+    # step s runs the questions still decoding after s tokens, one row each, and finished ones kept as ballast
+    # while fewer than MIN_ROWS rows would be left
+    from decoding import MIN_ROWS
     assert stats.steps == max(lengths) - 1
-    assert stats.decode_tokens == sum(sum(1 for n in lengths if n > s) for s in range(1, max(lengths)))
+    present, run = len(rows), 0
+    for s in range(1, max(lengths)):
+        present = max(sum(1 for n in lengths if n > s), min(MIN_ROWS, present))
+        run += present
+    assert stats.decode_tokens == run
 
 
 def test_n_rows_per_question_get_the_chosen_token_together(llama):
@@ -225,7 +231,7 @@ def test_n_rows_per_question_get_the_chosen_token_together(llama):
     assert stats.decode_tokens == 2 * 2 * 2  # 2 steps, 2 questions, 2 rows each
 
 
-def test_the_prefix_is_computed_once_and_replaced_for_another_prefix(llama):
+def test_the_prefix_is_computed_once_and_kept_beside_another_prefix(llama):
     model, tokenizer = llama
     lm = LanguageModel(model, tokenizer)
     rows = prompt_rows(tokenizer, TEXTS[:2])
@@ -238,8 +244,14 @@ def test_the_prefix_is_computed_once_and_replaced_for_another_prefix(llama):
     other = prompt_rows(tokenizer, ["A: who wrote hamlet?\nA:", "A: why not?\nA:"])
     third = decode(lm, other, 1, greedy, stop)
     assert third[0] == [full_recompute(model, r.input_ids, 2) for r in other]
-    assert len(lm.prefix_cache.entries) == 1  # one prompt format at a time
     assert third[1].prefill_tokens == 4 + 2 * (max(len(r.input_ids) for r in other) - 4)
+    back = decode(lm, rows, 1, greedy, stop)  # the first prefix is still kept: a sweep alternates between them
+    assert back[0] == first[0] and back[1].prefill_tokens == 2 * (width - 4)
+    from decoding import PREFIX_ENTRIES
+    for k in range(PREFIX_ENTRIES):  # more prefixes than are kept: the least recently used goes
+        decode(lm, prompt_rows(tokenizer, [f"Z{k}: who wrote it?\nA:", f"Z{k}: why not?\nA:"]), 1, greedy, stop)
+    assert len(lm.prefix_cache.entries) == PREFIX_ENTRIES
+    assert decode(lm, rows, 1, greedy, stop)[1].prefill_tokens == 4 + 2 * (width - 4)
 
 
 def test_a_finished_question_takes_all_its_rows_out_of_the_batch(llama):

@@ -147,10 +147,10 @@ def test_the_examples_prefix_is_not_shared_between_biases():
         tokens.append(decode(lm, rows, 1, Recorder(), stop, renderer)[1].prefill_tokens)
     computed, reused = tokens[0], tokens[1]
     assert computed - reused == rows[0].segment_ids.index(1)  # the examples, once
-    assert tokens == [computed, reused, computed, reused, computed]  # one entry at a time: a new bias recomputes
+    assert tokens == [computed, reused, computed, reused, reused]  # each bias its own entry, both kept
 
 
-def test_prefix_is_computed_once_per_run_and_rebuilt_for_another_format():
+def test_prefix_is_computed_once_per_run_and_another_format_gets_its_own():
     model, tokenizer = cached_tiny("llama")
     rows, _ = rows_of(tokenizer, "left")
     stop = StopRule(set(), 2, first_line_only=False)
@@ -165,7 +165,7 @@ def test_prefix_is_computed_once_per_run_and_rebuilt_for_another_format():
     assert second.prefill_tokens == 2 * (max(len(r.input_ids) for r in rows[2:]) - prefix_len)  # reused
     other = Dataset("t", "qa", QUESTIONS, [("another example?", "yes")])
     decode(lm, [fused_row(tokenizer, other.prompt_parts(QUESTIONS[0], 3))], 1, Recorder(), stop, fused)
-    assert len(cache.entries) == 1 and len(next(iter(cache.entries))[0]) != prefix_len  # a new format, rebuilt
+    assert len(cache.entries) == 2 and len(list(cache.entries)[-1][0]) != prefix_len  # a new format, built beside
 
 
 def test_weights_changed_in_place_are_not_served_from_the_prefix_cache():

@@ -1,0 +1,1 @@
+"""the self-ensemble library"""

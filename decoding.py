@@ -13,6 +13,7 @@ from typing import Callable, ContextManager, Protocol
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from constants import InputError
 from fusion import POSITIONS
@@ -247,8 +248,47 @@ class Sampler:
 
 def new_cache(model, keep_all_keys: bool, layers: list | None = None) -> DynamicCache:
     """A KV cache (holding `layers`' keys and values, if given): transformers' own for the model (a
-    sliding-window layer keeps its window), or, keep_all_keys, one that keeps every key of every layer."""
-    return DynamicCache(ddp_cache_data=layers, config=None if keep_all_keys else model.config)
+    sliding-window layer keeps its window), or, keep_all_keys, one that keeps every key of every layer in
+    `GrowingLayer`s."""
+    if not keep_all_keys:
+        return DynamicCache(ddp_cache_data=layers, config=model.config)
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)]
+    for layer, (keys, values) in zip(cache.layers, layers or []):
+        layer.update(keys, values)
+    return cache
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer that writes each step's keys and values into room kept after them (grown by half when full),
+    where transformers' DynamicLayer copies the whole cache into a new tensor at every step (torch.cat): a
+    decode step of R rows over L keys then moves R x 1 tokens, not R x L."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.device, self.length, self.room = key_states.device, 0, None
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        if self.room is None or end > self.room[0].shape[-2]:
+            size = end + max(32, end // 2)
+            grown = [t.new_empty(*t.shape[:-2], size, t.shape[-1]) for t in (key_states, value_states)]
+            for new, old in zip(grown, (self.room or ())):
+                new[..., :self.length, :] = old[..., :self.length, :]
+            self.room = grown
+        self.room[0][..., self.length:end, :] = key_states
+        self.room[1][..., self.length:end, :] = value_states
+        self.length = end
+        self.keys, self.values = self.room[0][..., :end, :], self.room[1][..., :end, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized and self.room is not None:
+            self.room = [t[indices] for t in self.room]
+            self.keys, self.values = self.room[0][..., :self.length, :], self.room[1][..., :self.length, :]
 
 
 @torch.inference_mode()
@@ -379,6 +419,23 @@ class Encoded:
                                                          (self.segments, other.segments))),
                        [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.layers, other.layers)],
                        self.length, self.shared)
+
+    def widen(self, width: int, length: int, pad_id: int) -> "Encoded":
+        """These rows as if padded to `width` and encoded to column `length`: the padding added right after the
+        shared prefix, as `pad_left` adds it, with K/V of zeros (padding is seen by nobody, so no value of it is
+        ever read)."""
+        extra, shared = width - self.ids.shape[1], self.shared
+        if extra < 0 or length < shared or length - extra > self.length:
+            raise RuntimeError("an encoding widens only to a width and length that cover it")
+
+        def padded(t: torch.Tensor, fill) -> torch.Tensor:
+            return torch.cat([t[:, :shared], t.new_full((len(t), extra), fill), t[:, shared:]], 1)
+
+        def kv(t: torch.Tensor) -> torch.Tensor:  # [rows, heads, tokens, dim]
+            gap = t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])
+            return torch.cat([t[:, :, :shared], gap, t[:, :, shared:]], 2)[:, :, :length]
+        return Encoded(padded(self.ids, pad_id), padded(self.positions, 0), padded(self.segments, PAD_SEGMENT),
+                       [(kv(k), kv(v)) for k, v in self.layers], length, shared)
 
     def take(self, rows: list[int]) -> "Encoded":
         """The rows at these indices, in this order (a row may be taken several times)."""

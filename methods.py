@@ -378,7 +378,7 @@ def stack_encoding(lm: LanguageModel, rows: list[list[Row]], n: int, settings: F
                    stats: DecodeStats) -> Encoded:
     """The batch's rows (per question: the fused row, then the rows beside it) encoded up to the fused rows'
     answer cue; the fused rows' encoding is made once per batch and encoding (kept in `encodings`), the rows
-    beside (plain prompts: no bias, T = 1) are encoded for each stack that has them."""
+    beside (plain prompts: no bias, T = 1) for each stack that has them, at their own width."""
     flat = [row for question in rows for row in question]
     shared = shared_prefix_length(flat) if lm.prefix_cache is not None else 0
     width = max(len(row.input_ids) for row in flat)
@@ -390,9 +390,13 @@ def stack_encoding(lm: LanguageModel, rows: list[list[Row]], n: int, settings: F
     if not k:
         return fused
     plain = replace(settings.encoding(), bias="none", temperature=1.0)
-    beside = encode_rows(lm, [row for question in rows for row in question[1:]], encoder(lm, plain, n), shared,
-                         width, stats, upto=fused.length)
-    return fused.join(beside).take([i for q in range(len(rows)) for i in (q, *(len(rows) + q * k + j
+    plain_rows = [row for question in rows for row in question[1:]]
+    own = max(len(row.input_ids) for row in plain_rows)  # encoded at their own width: their padding is not run
+    upto = max(shared, fused.length - (width - own))
+    if not upto:  # nothing of theirs before the cue to encode, so no K/V to widen
+        own, upto = width, fused.length
+    beside = encode_rows(lm, plain_rows, encoder(lm, plain, n), shared, own, stats, upto=upto)
+    return fused.join(beside.widen(width, fused.length, lm.tokenizer.pad_token_id)).take([i for q in range(len(rows)) for i in (q, *(len(rows) + q * k + j
                                                                                for j in range(k)))])
 
 

@@ -3,7 +3,10 @@ problem, and nothing created or changed under the output folder or the caches. O
 
 Each case is its own process running the script with its command line. To keep the table fast on a small
 machine, those processes are forked from one interpreter that has imported the scripts' libraries (torch,
-transformers) once; BAD_INPUT_SUBPROCESS=1 starts every case as a fresh `python script ...` instead."""
+transformers) once; BAD_INPUT_SUBPROCESS=1 starts every case as a fresh `python script ...` instead. A case with
+its own environment gets it in its child, set also where the libraries keep what they read of it at import
+(conftest.follow_environment: HF_HUB_OFFLINE, SELF_ENSEMBLE_CACHE); the good runs that make the tables the cases
+resume run in this process (conftest.run_main)."""
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from conftest import run_main
 from constants import REPO_DIR
 from results import TableLock
 
@@ -53,7 +57,13 @@ for line in sys.stdin:
     if pid == 0:
         code = 1
         try:
-            os.environ.update(case["env"])
+            if case["env"]:  # what the libraries read from it at import, set where they keep it (conftest)
+                sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+                import pytest
+                from conftest import follow_environment
+                for name, value in case["env"].items():
+                    os.environ[name] = value
+                    follow_environment(pytest.MonkeyPatch(), name, value)
             for fd, name in ((1, "stdout"), (2, "stderr")):
                 os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
             sys.argv = [case["script"], *case["args"]]
@@ -87,12 +97,13 @@ class Commands:
             assert self.server.stdout.readline().strip() == "ready"
 
     def run(self, script: str, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        if self.fresh or extra_env:  # libraries read the environment at import: another one needs a fresh start
+        if self.fresh:
             return subprocess.run([sys.executable, script, *args], cwd=REPO_DIR, env={**self.env, **(extra_env or {})},
                                   capture_output=True, text=True, timeout=300)
         i = next(self.count)
         files = {name: str(self.scratch / f"{i}.{name}") for name in ("stdout", "stderr")}
-        self.server.stdin.write(json.dumps({"script": script, "args": list(args), "env": {}, **files}) + "\n")
+        self.server.stdin.write(json.dumps({"script": script, "args": list(args), "env": extra_env or {}, **files})
+                                + "\n")
         self.server.stdin.flush()
         code = int(self.server.stdout.readline())
         read = {name: Path(path).read_text(errors="replace") for name, path in files.items()}
@@ -124,7 +135,8 @@ def test_every_bad_input_is_one_line_and_exit_code_2(tmp_path):
     good = jsonl(tmp_path / "good.jsonl", [*shots(), question(1), question(2)])
     out = tmp_path / "out"  # never created by a failing case
 
-    # ---- made by runs that succeed (fresh processes): tables to resume with other settings, data or while locked
+    # ---- made by runs that succeed (in this process, conftest.run_main): tables to resume with other settings, data
+    # or while locked
     done = tmp_path / "done"
     made = [("generate.py", "--dataset", "jsonl", "--data-file", str(good), "--method", "avg", "--num_ensemble", "3",
              *TINY, "--output-dir", str(done)),
@@ -133,8 +145,7 @@ def test_every_bad_input_is_one_line_and_exit_code_2(tmp_path):
             ("generate.py", "--dataset", "jsonl", "--data-file", str(good), "--method", "weighted_avg", "--num_ensemble",
              "3", "--confidence-samples", "2", *TINY, "--output-dir", str(tmp_path / "weighted"))]
     for script, *args in made:
-        proc = subprocess.run([sys.executable, script, *args], cwd=REPO_DIR, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = run_main(script, *args, env={"SELF_ENSEMBLE_CACHE": str(cache)})
         assert proc.returncode == 0, proc.stderr[-2000:]
     avg_run = list(made[0][1:])
     flex_run = list(made[1][1:])

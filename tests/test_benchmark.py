@@ -1,14 +1,15 @@
-"""Smoke test of benchmarks/bench_ensemble.py: `--quick --model tiny-llama` in a subprocess; every method
+"""Smoke test of benchmarks/bench_ensemble.py: `--quick --model tiny-llama` (its main, in this process); every method
 is in the table and the work counts are what each algorithm implies. No timing is asserted."""
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "bench_ensemble.py"
@@ -32,10 +33,10 @@ def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     data, out = tmp / "data.jsonl", tmp / "out"
     write_data(data)
-    cmd = [sys.executable, str(BENCH), "--quick", "--model", "tiny-llama", "--dataset", "jsonl", "--data-file", str(data),
+    cmd = [str(BENCH), "--quick", "--model", "tiny-llama", "--dataset", "jsonl", "--data-file", str(data),
            "--questions", str(QUESTIONS), "--n", str(N), "--sweep-n", "1,6,50", "--large-batch", "2",
            "--max-new-tokens", str(MAX_NEW), "--device", "cpu", "--no-compile", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = run_main(*cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "bench_ensemble.csv", newline="") as f:
         rows = {r["case"]: r for r in csv.DictReader(f)}
@@ -141,8 +142,7 @@ def test_cost_plot_draws_the_benchmarks_curves(bench_run, tmp_path):
     """benchmarks/plot_cost.py as the README runs it, on the benchmark's JSON: one line per method and batch."""
     _, rows, out = bench_run
     png = tmp_path / "cost.png"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_cost.py"), str(out / "bench_ensemble.json"),
-                           "--output", str(png)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_main(str(REPO / "benchmarks" / "plot_cost.py"), str(out / "bench_ensemble.json"), "--output", str(png))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot = load_script("plot_cost")
@@ -161,6 +161,5 @@ def test_step_cost_counts_the_weight_matrices_of_a_token():
     costs = step_cost.token_costs(model.config)
     assert costs["layers"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
     assert costs["head"] == 64 * len(tokenizer) and costs["decode step"] == costs["layers"] + costs["head"]
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_cost.py"), "--model", "tiny-llama",
-                          "--model", "tiny-gemma3"], capture_output=True, text=True, timeout=120)
+    out = run_main(str(REPO / "benchmarks" / "step_cost.py"), "--model", "tiny-llama", "--model", "tiny-gemma3")
     assert out.returncode == 0 and "| tiny-llama | 0.1 |" in out.stdout and "tiny-gemma3 against tiny-llama" in out.stdout

@@ -73,18 +73,14 @@ def test_chat_identical_copies_equal_the_single_prompt():
 
 @pytest.mark.embedded
 def test_cli_chat_format_on_the_embedded_model_and_refused_without_a_template(tmp_path):
-    import subprocess
-    import sys
-
     import pandas as pd
 
-    from constants import REPO_DIR
-    base = [sys.executable, "flex_attention_generate.py", "--limit", "2", "--max-new-tokens", "3", "--no-progress",
+    from conftest import run_main
+    base = ["flex_attention_generate.py", "--limit", "2", "--max-new-tokens", "3", "--no-progress",
             "--prompt-format", "chat", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(base + ["--num_paraphrases", "3"], cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+    proc = run_main(*base, "--num_paraphrases", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = pd.read_feather(next(tmp_path.glob("flex_attention-3*.feather")))
     assert len(table) == 2 and all(p[0].startswith("<|im_start|>system") for p in table["prompts"])
-    refused = subprocess.run(base + ["--model", "tiny-llama", "--output-dir", str(tmp_path / "tiny")], cwd=REPO_DIR,
-                             capture_output=True, text=True, timeout=300)
+    refused = run_main(*base, "--model", "tiny-llama", "--output-dir", str(tmp_path / "tiny"))
     assert refused.returncode == 2 and "no chat template" in refused.stderr and refused.stderr.count("\n") == 1

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import FEW_SHOT, QUESTIONS
+from conftest import FEW_SHOT, QUESTIONS, run_main
 from dataset import Dataset, Record
 from decoding import LanguageModel, StopRule, decode, fused_row, greedy, pad_left, prefill
 from fusion import FusionSettings
@@ -161,8 +159,7 @@ def test_graph_counter_counts_what_dynamo_compiles():
 def test_gpu_check_dry_run(tmp_path):
     """benchmarks/gpu_check.py --dry-run: every method at batch 1 and 2 on CPU, rows ok, flex == sdpa tokens."""
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--output", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_main(str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--output", str(out))  # in this process
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {(r["method"], r["batch"]): r for r in result["rows"]}

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from constants import MYRIADLAMA_FIXTURE_FILE, QA_INSTRUCTION, REPO_DIR, WEBQA_BUNDLED_DIR, InputError
+from conftest import run_main
+from constants import MYRIADLAMA_FIXTURE_FILE, QA_INSTRUCTION, WEBQA_BUNDLED_DIR, InputError
 from dataset import load_dataset_by_name
 
 BUNDLED_WEBQ = WEBQA_BUNDLED_DIR / "test.json"
@@ -106,10 +105,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case):
     args, expected = BAD_INPUTS[case]
     args = [a.format(**files) for a in args]
     out = tmp_path / "out"
-    cmd = [sys.executable, "generate.py", "--dataset", "jsonl", "--model", "tiny-llama", "--output-dir", str(out), *args]
+    cmd = ["--dataset", "jsonl", "--model", "tiny-llama", "--output-dir", str(out), *args]
     if "--dataset" in args:
-        cmd = [sys.executable, "generate.py", "--model", "tiny-llama", "--output-dir", str(out), *args]
-    proc = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=120)
+        cmd = ["--model", "tiny-llama", "--output-dir", str(out), *args]
+    proc = run_main("generate.py", *cmd)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert expected in last and (case == "unknown dataset" or last.startswith("error: "))

@@ -9,8 +9,6 @@ import hashlib
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 import uuid as uuidlib
 from collections import Counter
@@ -19,7 +17,8 @@ import pandas as pd
 import pytest
 from datasets import Dataset, DatasetDict
 
-from constants import MASK_INSTRUCTION, QA_INSTRUCTION, REPO_DIR, WEBQA_BUNDLED_DIR, WEBQA_TRAIN_FILES, InputError
+from conftest import run_main
+from constants import MASK_INSTRUCTION, QA_INSTRUCTION, WEBQA_BUNDLED_DIR, WEBQA_TRAIN_FILES, InputError
 from dataset import load_dataset_by_name, resolve_paraphrase_set
 
 NUM_FACTS = 2100  # more than upstream's 2000 test facts + 5 few-shot facts
@@ -195,13 +194,12 @@ def test_webqa_falls_back_to_the_bundled_copy_fast_when_the_hub_does_not_answer(
 
 
 def test_webqa_cli_runs_offline_from_the_bundled_copy(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env = {k: None for k in os.environ if k.startswith("HF_")}  # in this process (conftest.run_main)
     env.update(HF_HUB_OFFLINE="1", SELF_ENSEMBLE_CACHE=str(tmp_path / "cache"))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "flex_attention_generate.py", "--dataset", "webqa", "--model", "tiny-llama",
-                           "--limit", "2", "--num_paraphrases", "1", "--max-new-tokens", "2", "--attn", "sdpa",
-                           "--no-progress", "--output-dir", str(tmp_path / "out")],
-                          cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
+    done = run_main("flex_attention_generate.py", "--dataset", "webqa", "--model", "tiny-llama", "--limit", "2",
+                    "--num_paraphrases", "1", "--max-new-tokens", "2", "--attn", "sdpa", "--no-progress",
+                    "--output-dir", str(tmp_path / "out"), env=env)
     assert done.returncode == 0, done.stderr
     assert time.perf_counter() - start < 60
     lines = [line for line in done.stderr.splitlines() if "bundled" in line]

@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +6,7 @@ import pandas as pd
 import pytest
 
 import evaluate
+from conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWERS = {"q1": ["Paris"], "q2": ["Jamaican English"]}
@@ -168,10 +167,7 @@ def test_table_missing_columns(results_dir, capsys):
 
 
 def test_cli_exit_code(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "evaluate.py", "--results-dir", str(tmp_path / "nope")],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    proc = run_main("evaluate.py", "--results-dir", str(tmp_path / "nope"))
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1

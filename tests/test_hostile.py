@@ -15,10 +15,12 @@ import time
 import pandas as pd
 import pytest
 
+from conftest import run_main
 from constants import REPO_DIR
 
 SEPARATORS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+IN_PROCESS_ENV = {"HF_HUB_OFFLINE": "1"}  # the commands run in this process (conftest.run_main): one thread already
 
 
 def write_data(path, questions: int = 3, separators: bool = False):
@@ -46,9 +48,8 @@ def command(script: str, *args: str) -> list[str]:
 ])
 def test_line_separators_inside_paraphrases_lose_no_row(tmp_path, script, flags, rows_per_question):
     data = write_data(tmp_path / "d.jsonl", questions=9, separators=True)  # raw, not escaped: valid JSON still
-    done = subprocess.run(command(script, "--dataset", "jsonl", "--data-file", str(data), "--max-new-tokens", "2",
-                                  "--output-dir", str(tmp_path / "out"), *flags), capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    done = run_main(*command(script, "--dataset", "jsonl", "--data-file", str(data), "--max-new-tokens", "2",
+                             "--output-dir", str(tmp_path / "out"), *flags)[1:], env=IN_PROCESS_ENV)
     assert done.returncode == 0, done.stderr
     table = pd.read_feather(next((tmp_path / "out").glob("*.feather")))
     assert len(table) == 9 * rows_per_question
@@ -82,10 +83,9 @@ def test_an_interrupted_run_says_one_line_keeps_rows_and_resumes(tmp_path, sig, 
     assert len(lines) == 1 and lines[0].startswith("interrupted: ") and f"of {QUESTIONS} questions kept" in lines[0], err
     kept = int(lines[0].split()[1])
     assert kept >= 2 and partial.read_bytes().count(b"\n") >= kept
-    done = subprocess.run(command("generate.py", *args), capture_output=True, text=True, env=ENV, timeout=300)
+    done = run_main(*command("generate.py", *args)[1:], env=IN_PROCESS_ENV)  # the rerun, and a fresh run beside it
     assert done.returncode == 0 and f"resuming, {kept} of {QUESTIONS}" in done.stderr
-    fresh = subprocess.run(command("generate.py", *args[:-1], str(tmp_path / "fresh")), capture_output=True,
-                           text=True, env=ENV, timeout=300)
+    fresh = run_main(*command("generate.py", *args[:-1], str(tmp_path / "fresh"))[1:], env=IN_PROCESS_ENV)
     assert fresh.returncode == 0
     a, b = (pd.read_feather(tmp_path / d / "ensemble_avg-3.feather").drop(columns=["seconds"]) for d in ("out", "fresh"))
     assert a.equals(b)
@@ -125,11 +125,9 @@ def test_no_progress_hides_the_loading_bar_too(tmp_path):
     data = write_data(tmp_path / "d.jsonl")
     argv = [sys.executable, str(REPO_DIR / "generate.py"), "--dataset", "jsonl", "--data-file", str(data), "--model",
             str(folder), "--max-new-tokens", "2", "--num_ensemble", "3"]
-    env = {**ENV, "SELF_ENSEMBLE_CACHE": str(tmp_path / "cache")}
-    quiet = subprocess.run([*argv, "--no-progress", "--output-dir", str(tmp_path / "a")], capture_output=True,
-                           text=True, env=env, timeout=300)
-    loud = subprocess.run([*argv, "--output-dir", str(tmp_path / "b")], capture_output=True, text=True, env=env,
-                          timeout=300)
+    env = {**IN_PROCESS_ENV, "SELF_ENSEMBLE_CACHE": str(tmp_path / "cache")}
+    quiet = run_main(*argv[1:], "--no-progress", "--output-dir", str(tmp_path / "a"), env=env)
+    loud = run_main(*argv[1:], "--output-dir", str(tmp_path / "b"), env=env)  # the bar is back once a run is done
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert "Loading weights" in loud.stderr and "Loading weights" not in quiet.stderr
     assert "%|" not in quiet.stderr
@@ -138,7 +136,6 @@ def test_no_progress_hides_the_loading_bar_too(tmp_path):
 def test_validate_fails_a_cache_folder_under_a_file(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    done = subprocess.run([sys.executable, str(REPO_DIR / "validate_flexattention_env.py")], capture_output=True,
-                          text=True, env={**ENV, "SELF_ENSEMBLE_CACHE": str(a_file / "cache")}, timeout=120)
+    done = run_main("validate_flexattention_env.py", env={**IN_PROCESS_ENV, "SELF_ENSEMBLE_CACHE": str(a_file / "cache")})
     assert done.returncode == 1
     assert any(line.startswith("[fail] disk:") and "SELF_ENSEMBLE_CACHE" in line for line in done.stdout.splitlines())

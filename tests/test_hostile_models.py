@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import models
+from conftest import run_main
 from constants import REPO_DIR, InputError
 
 
@@ -27,9 +28,8 @@ def test_a_models_own_code_is_never_run(tmp_path):
     with pytest.raises(InputError) as err:
         models.load_model(str(tmp_path), device="cpu")
     assert "\n" not in str(err.value) and not marker.exists()
-    run = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path), "--limit", "1", "--no-progress",
-                          "--output-dir", str(tmp_path / "out")], cwd=REPO_DIR, input="y\ny\n", text=True,
-                         capture_output=True, timeout=300)
+    run = run_main("generate.py", "--model", str(tmp_path), "--limit", "1", "--no-progress", "--output-dir",
+                   str(tmp_path / "out"), input="y\ny\n")
     assert run.returncode == 2 and not marker.exists(), run.stderr[-2000:]
     assert len(run.stderr.strip().splitlines()) == 1 and "Do you wish to run" not in run.stdout
 

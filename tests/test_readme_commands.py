@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import follow_environment, run_main
 from constants import REPO_DIR
 
 README = (REPO_DIR / "README.md").read_text(encoding="utf-8")
@@ -33,9 +34,11 @@ def readme_commands(prefix: str) -> list[list[str]]:
     return [shlex.split(re.sub(r"\[.*?\]|#.*$", "", line)) for line in lines]
 
 
-def run(argv: list[str], timeout: int = 600) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(argv, cwd=REPO_DIR, capture_output=True, text=True, timeout=timeout, env=env)
+def run(argv: list[str]) -> str:
+    """`python script args` (argv[0] is the interpreter), offline, in this process (conftest.run_main): the
+    commands are the README's; `make study` below runs them as processes, through make."""
+    assert argv[0] == sys.executable
+    done = run_main(*argv[1:], env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, f"{shlex.join(argv[1:])}: {done.stderr[-2000:]}"
     return done.stdout
 
@@ -62,7 +65,7 @@ def test_readme_sweep(tmp_path):
     sweeps = [c for c in readme_commands(".venv/bin/python ") if c[0] == "sweep.py"]
     assert sweeps
     for command in sweeps:
-        out = run([sys.executable, *command, "--limit", "1", "--no-progress", "--output-dir", str(tmp_path)], 1200)
+        out = run([sys.executable, *command, "--limit", "1", "--no-progress", "--output-dir", str(tmp_path)])
         assert "[17/17]" in out  # per_prompt, then avg, avg_prob, max and fusion for N = 2..5
     assert len(list(tmp_path.glob("*.feather"))) == 17 and (tmp_path / "report.md").exists()
 
@@ -109,12 +112,15 @@ def test_make_study_runs_the_protocol_on_both_dev_sets(tmp_path):
     assert "Leave-one-out" in study and (tmp_path / "study.pdf").exists()
 
 
-def test_readme_notebook_snippet_runs():
+def test_readme_notebook_snippet_runs(monkeypatch, capsys):
+    """As a notebook runs it: in the process that has imported the libraries already (from the repo, offline)."""
     snippet = re.search(r"```python\n(.*?)```", README, re.S).group(1)
-    done = subprocess.run([sys.executable, "-c", snippet], cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "prediction" in done.stdout and "exact" in done.stdout
+    monkeypatch.chdir(REPO_DIR)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    follow_environment(monkeypatch, "HF_HUB_OFFLINE", "1")
+    exec(compile(snippet, "<README snippet>", "exec"), {"__name__": "__main__"})
+    out = capsys.readouterr().out  # an exception above fails the test, as the snippet's exit code did
+    assert "prediction" in out and "exact" in out
 
 
 @pytest.mark.parametrize("target", ["test-fast", "gemma"])

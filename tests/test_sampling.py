@@ -3,14 +3,11 @@ cache and the first-line rule), and the confidence-weighted methods end to end o
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import FEW_SHOT, QUESTIONS, cached_tiny
-from constants import REPO_DIR
+from conftest import FEW_SHOT, QUESTIONS, cached_tiny, run_main
 from dataset import Dataset, Record
 from decoding import LanguageModel, Sampler, fused_row, pad_left, prefill
 from results import read_table
@@ -104,10 +101,9 @@ def test_confidence_bias_of_one_paraphrase_is_that_paraphrase_alone():
     ("flex_attention_generate.py", ["--num_paraphrases", "3", "--fusion-bias", "confidence"]),
 ])
 def test_weighted_methods_end_to_end(tmp_path, script, flags):
-    env = {"SELF_ENSEMBLE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, script, "--model", "tiny-llama", "--limit", "2", "--max-new-tokens", "2",
-           "--confidence-samples", "2", "--output-dir", str(tmp_path), "--no-progress", *flags]
-    proc = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=300, env=env)
+    env = {"SELF_ENSEMBLE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = run_main(script, "--model", "tiny-llama", "--limit", "2", "--max-new-tokens", "2", "--confidence-samples",
+                    "2", "--output-dir", str(tmp_path), "--no-progress", *flags, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = read_table(next(p for p in tmp_path.glob("*.feather")))
     assert len(table) == 2 and (table["confidence_seconds"] > 0).all()

@@ -1,5 +1,6 @@
 """Scale-out: an interrupted run resumes to the same table; two processes (gloo, CPU) merge into
-the same table as one."""
+the same table as one. The killed run, the live lock holder and the two ranks are processes; the runs beside
+them (references, reruns) run in this process (conftest.run_main)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from conftest import run_main
 from constants import REPO_DIR
 from results import read_table
 
@@ -40,8 +42,7 @@ def comparable(path: Path) -> pd.DataFrame:
 def test_killed_run_resumes_to_the_same_table(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     args = ["--method", "avg", "--num_ensemble", "3"]
-    subprocess.run([sys.executable, *command("generate.py", data, tmp_path / "ref", *args)], cwd=REPO_DIR, env=ENV, check=True,
-                   capture_output=True, timeout=600)
+    assert run_main(*command("generate.py", data, tmp_path / "ref", *args)).returncode == 0  # the reference
     out = tmp_path / "run"
     partial = out / "ensemble_avg-3.rank0.partial.jsonl"
     proc = subprocess.Popen([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR, env=ENV,
@@ -58,8 +59,8 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     assert f"pid {proc.pid} " in (out / "ensemble_avg-3.rank0.lock").read_text()  # left by the killed run
     done_before = partial.read_text().count("\n")
     assert 3 <= done_before < QUESTIONS
-    resumed = subprocess.run([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR, env=ENV,
-                             capture_output=True, text=True, timeout=600, check=True)
+    resumed = run_main(*command("generate.py", data, out, *args))
+    assert resumed.returncode == 0, resumed.stderr
     assert f"already done" in resumed.stderr and f"taking over the lock left by pid {proc.pid}" in resumed.stderr
     pd.testing.assert_frame_equal(comparable(out / "ensemble_avg-3.feather"), comparable(tmp_path / "ref" / "ensemble_avg-3.feather"))
     assert not list(out.glob("*.partial.jsonl")) and not list(out.glob("*.lock"))
@@ -81,8 +82,7 @@ def test_a_live_writer_is_waited_for_and_a_dead_one_taken_over(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         args = command("generate.py", data, out, "--method", "max", "--num_ensemble", "3", "--limit", "2",
                        "--max-new-tokens", "2")
-        refused = subprocess.run([sys.executable, *args], cwd=REPO_DIR, env=ENV, capture_output=True, text=True,
-                                 timeout=600)
+        refused = run_main(*args)
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
         assert f"is being written by another process (pid {holder.pid} on" in refused.stderr
@@ -90,7 +90,7 @@ def test_a_live_writer_is_waited_for_and_a_dead_one_taken_over(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=30)
-    taken = subprocess.run([sys.executable, *args], cwd=REPO_DIR, env=ENV, capture_output=True, text=True, timeout=600)
+    taken = run_main(*args)
     assert taken.returncode == 0, taken.stderr
     assert f"taking over the lock left by pid {holder.pid}" in taken.stderr
     assert read_table(table)["uuid"].tolist() == ["q00", "q01"] and not list(out.glob("*.lock"))
@@ -115,8 +115,7 @@ def test_tables_are_readable_as_the_umask_says(tmp_path):
 def test_two_processes_merge_into_the_same_table(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     args = ["--num_paraphrases", "3", "--max-new-tokens", "6"]
-    subprocess.run([sys.executable, *command("flex_attention_generate.py", data, tmp_path / "one", *args)],
-                   cwd=REPO_DIR, env=ENV, check=True, capture_output=True, timeout=600)
+    assert run_main(*command("flex_attention_generate.py", data, tmp_path / "one", *args)).returncode == 0
     accelerate = Path(sys.executable).parent / "accelerate"
     launched = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -131,10 +130,9 @@ def test_two_processes_merge_into_the_same_table(tmp_path):
 def test_resuming_with_other_settings_is_refused(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     base = command("generate.py", data, tmp_path / "out", "--method", "max", "--num_ensemble", "3", "--limit", "2")
-    subprocess.run([sys.executable, *base], cwd=REPO_DIR, env=ENV, check=True, capture_output=True, timeout=600)
+    assert run_main(*base).returncode == 0
     before = (tmp_path / "out" / "ensemble_max-3.feather").read_bytes()
-    changed = subprocess.run([sys.executable, *base, "--max-new-tokens", "5"], cwd=REPO_DIR, env=ENV, capture_output=True,
-                             text=True, timeout=600)
+    changed = run_main(*base, "--max-new-tokens", "5")
     assert changed.returncode == 2 and "max_new_tokens: 40 -> 5" in changed.stderr.strip().splitlines()[-1]
     assert (tmp_path / "out" / "ensemble_max-3.feather").read_bytes() == before
 

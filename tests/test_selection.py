@@ -6,14 +6,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from conftest import FEW_SHOT, cached_tiny
-from constants import REPO_DIR, InputError
+from conftest import FEW_SHOT, cached_tiny, run_main
+from constants import InputError
 from dataset import Dataset, Record
 from decoding import LanguageModel, StopRule
 from fusion import FusionSettings
@@ -101,8 +99,7 @@ def write_data(path, questions=4):
 
 
 def run(script, *args):
-    done = subprocess.run([sys.executable, str(REPO_DIR / script), *args, "--model", "tiny-llama", "--no-progress",
-                           "--max-new-tokens", "3", "--batch-size", "3"], capture_output=True, text=True, timeout=300)
+    done = run_main(script, *args, "--model", "tiny-llama", "--no-progress", "--max-new-tokens", "3", "--batch-size", "3")
     assert done.returncode == 0, done.stderr
     return done
 

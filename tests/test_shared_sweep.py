@@ -183,3 +183,28 @@ def test_the_encoding_is_what_the_variant_alone_computes(llama, small_dataset, p
 def no_stop(max_new: int = 6):
     from decoding import StopRule
     return StopRule(set(), max_new, first_line_only=False)
+
+
+def test_rows_encoded_at_their_own_width_and_widened_equal_rows_encoded_wide(llama, small_dataset):
+    """The rows beside a fused row are encoded at their own width, then given the fused row's padding as K/V of
+    zeros (`Encoded.widen`): what follows equals encoding them padded to the wide width, logits within 1e-5."""
+    from decoding import DecodeStats, LanguageModel, PrefixCache, encode_rows, prefill_rows, single_rows
+    from methods import encoder
+    model, tokenizer = llama
+    rows = [row for r in small_dataset.records
+            for row in single_rows(tokenizer, small_dataset.prompt_parts(r, N), list(range(N)))]
+    own, wide = max(len(r.input_ids) for r in rows), max(len(r.input_ids) for r in rows) + 7
+    for cached in (False, True):
+        lm = LanguageModel(model, tokenizer, PrefixCache() if cached else None)
+        shared = 0
+        if cached:
+            from decoding import shared_prefix_length
+            shared = shared_prefix_length(rows)
+        plain = encoder(lm, FusionSettings(bias="none"), N)
+        cue = own - 4  # a few tokens before every row's end
+        narrow = encode_rows(lm, rows, plain, shared, own, DecodeStats(), upto=cue).widen(wide, cue + 7,
+                                                                                         tokenizer.pad_token_id)
+        direct = encode_rows(lm, rows, plain, shared, wide, DecodeStats(), upto=cue + 7)
+        assert torch.equal(narrow.ids, direct.ids) and torch.equal(narrow.segments, direct.segments)
+        logits = [prefill_rows(lm, rows, 1, plain, 1, DecodeStats(), e)[0] for e in (narrow, direct)]
+        assert torch.allclose(logits[0], logits[1], atol=1e-5)

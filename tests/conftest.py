@@ -57,7 +57,7 @@ def run_main(script: str, *args: str, env: dict[str, str | None] | None = None, 
     once, not once per command; for what only a process shows (signals, kills, its environment read at import,
     several processes) the tests keep subprocesses. `env` holds changes only (None unsets): those read at import
     are followed where they are read (HF_HUB_OFFLINE, SELF_ENSEMBLE_CACHE). Everything the command changes in
-    this process is put back: the environment, sys.argv/stdin, the working folder (REPO_DIR while it runs, as
+    this process is put back: the environment, torch's thread count (OMP_NUM_THREADS followed), sys.argv/stdin, the working folder (REPO_DIR while it runs, as
     the tests' subprocesses had), logging, warnings filters, transformers' progress bar, torch's RNG."""
     import contextlib
     import importlib
@@ -112,6 +112,9 @@ def run_main(script: str, *args: str, env: dict[str, str | None] | None = None, 
             handler.setStream(err)
         bar = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.enable_progress_bar()  # as in a fresh process (an earlier run may have hidden it)
+        threads = torch.get_num_threads()
+        if (env or {}).get("OMP_NUM_THREADS"):  # torch reads it at import: a fresh process would run this many
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                     warnings.catch_warnings(record=True) as caught, torch.random.fork_rng(devices=[]):
@@ -130,6 +133,7 @@ def run_main(script: str, *args: str, env: dict[str, str | None] | None = None, 
                 for w in caught:
                     err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
         finally:
+            torch.set_num_threads(threads)
             root.handlers[:] = handlers
             root.setLevel(level)
             for handler, stream in streams:

@@ -20,7 +20,7 @@ from constants import REPO_DIR
 
 SEPARATORS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-IN_PROCESS_ENV = {"HF_HUB_OFFLINE": "1"}  # the commands run in this process (conftest.run_main): one thread already
+IN_PROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # in this process (conftest.run_main), as ENV
 
 
 def write_data(path, questions: int = 3, separators: bool = False):

@@ -20,6 +20,7 @@ from results import read_table
 QUESTIONS = 24
 # one thread per process (the machine may be busy) and no GPU, so ranks meet over gloo on any machine
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the in-process runs beside the processes: the same thread count
 
 
 def write_data(path: Path) -> Path:
@@ -42,7 +43,7 @@ def comparable(path: Path) -> pd.DataFrame:
 def test_killed_run_resumes_to_the_same_table(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     args = ["--method", "avg", "--num_ensemble", "3"]
-    assert run_main(*command("generate.py", data, tmp_path / "ref", *args)).returncode == 0  # the reference
+    assert run_main(*command("generate.py", data, tmp_path / "ref", *args), env=ONE_THREAD).returncode == 0  # the reference
     out = tmp_path / "run"
     partial = out / "ensemble_avg-3.rank0.partial.jsonl"
     proc = subprocess.Popen([sys.executable, *command("generate.py", data, out, *args)], cwd=REPO_DIR, env=ENV,
@@ -59,7 +60,7 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     assert f"pid {proc.pid} " in (out / "ensemble_avg-3.rank0.lock").read_text()  # left by the killed run
     done_before = partial.read_text().count("\n")
     assert 3 <= done_before < QUESTIONS
-    resumed = run_main(*command("generate.py", data, out, *args))
+    resumed = run_main(*command("generate.py", data, out, *args), env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert f"already done" in resumed.stderr and f"taking over the lock left by pid {proc.pid}" in resumed.stderr
     pd.testing.assert_frame_equal(comparable(out / "ensemble_avg-3.feather"), comparable(tmp_path / "ref" / "ensemble_avg-3.feather"))
@@ -115,7 +116,7 @@ def test_tables_are_readable_as_the_umask_says(tmp_path):
 def test_two_processes_merge_into_the_same_table(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     args = ["--num_paraphrases", "3", "--max-new-tokens", "6"]
-    assert run_main(*command("flex_attention_generate.py", data, tmp_path / "one", *args)).returncode == 0
+    assert run_main(*command("flex_attention_generate.py", data, tmp_path / "one", *args), env=ONE_THREAD).returncode == 0
     accelerate = Path(sys.executable).parent / "accelerate"
     launched = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -130,7 +131,7 @@ def test_two_processes_merge_into_the_same_table(tmp_path):
 def test_resuming_with_other_settings_is_refused(tmp_path):
     data = write_data(tmp_path / "data.jsonl")
     base = command("generate.py", data, tmp_path / "out", "--method", "max", "--num_ensemble", "3", "--limit", "2")
-    assert run_main(*base).returncode == 0
+    assert run_main(*base, env=ONE_THREAD).returncode == 0
     before = (tmp_path / "out" / "ensemble_max-3.feather").read_bytes()
     changed = run_main(*base, "--max-new-tokens", "5")
     assert changed.returncode == 2 and "max_new_tokens: 40 -> 5" in changed.stderr.strip().splitlines()[-1]

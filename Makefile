@@ -118,7 +118,7 @@ MUTATION_SCORE = import fnmatch, json, sys; m, secs, pats = sys.argv[1], sys.arg
 mutation: setup
 	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check "mutmut>=3.8,<4"
 	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)/src
-	cp -p *.py $(MUTATION_DIR)/src/ && cp -rp data $(MUTATION_DIR)/src/ && cp -rp tests setup.cfg pytest.ini $(MUTATION_DIR)/
+	cp -p *.py $(MUTATION_DIR)/src/ && cp -rp data self_ensemble $(MUTATION_DIR)/src/ && cp -rp tests setup.cfg pytest.ini $(MUTATION_DIR)/
 	@set -f; cd $(MUTATION_DIR) && for m in $(MUTATION_MODULES); do \
 	  if [ $$m = dataset ]; then pats="$(MUTATION_DATASET)"; else pats="$$m.*"; fi; \
 	  echo "mutation: $$m (log: $(MUTATION_DIR)/$$m.log)"; start=$$(date +%s); \

@@ -329,9 +329,9 @@ PREFIX_ENTRIES = 4  # prefixes kept: a shared sweep's batches alternate between 
 
 class PrefixCache:
     """The KV of the shared prefix (instruction and few-shot examples), computed once per run and prompt
-    format and reused by every batch, as serving engines cache prefixes; the PREFIX_ENTRIES most recently used. One per loaded model; keyed by
-    the prefix's ids, positions, the mask it is encoded under, dtype, device and the weights' version
-    (weights changed in place recompute it)."""
+    format and reused by every batch, as serving engines cache prefixes; the PREFIX_ENTRIES most recently used
+    are kept. One per loaded model; keyed by the prefix's ids, positions, the mask it is encoded under, dtype,
+    device and the weights' version (weights changed in place recompute it)."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -417,8 +417,8 @@ class Encoded:
             raise RuntimeError("joined encodings must cover the same columns")
         return Encoded(*(torch.cat([a, b]) for a, b in ((self.ids, other.ids), (self.positions, other.positions),
                                                          (self.segments, other.segments))),
-                       [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.layers, other.layers)],
-                       self.length, self.shared)
+                       [(torch.cat([k, k2]), torch.cat([v, v2]))
+                        for (k, v), (k2, v2) in zip(self.layers, other.layers)], self.length, self.shared)
 
     def widen(self, width: int, length: int, pad_id: int) -> "Encoded":
         """These rows as if padded to `width` and encoded to column `length`: the padding added right after the
@@ -499,10 +499,10 @@ def prefill_rows(lm: LanguageModel, rows: list[Row], n: int, renderer: Renderer,
     mask = renderer(seg, max_new_tokens, positions=pos)
     stats.prefill_tokens += ids[:, done:].numel()
     cache = (new_cache(lm.model, mask.keeps_all_keys, encoded.layers or None) if encoded is not None
-             else cache_with_prefix(lm, rows[0], len(ids), ids, pos, mask, done, stats))
+             else cache_with_prefix(lm, rows[0], len(rows), ids, pos, mask, done, stats))
     with mask.attention(lm.model):
         logits, cache = prefill(lm.model, ids[:, done:], pos[:, done:], mask.prefill(done), cache=cache)
-    return logits[:, -1], LiveRows(cache, mask, pos[:, -1] + 1, torch.arange(len(ids) // n, device=lm.device))
+    return logits[:, -1], LiveRows(cache, mask, pos[:, -1] + 1, torch.arange(len(rows) // n, device=lm.device))
 
 
 def reaches_window(model, rows: list[Row], max_new_tokens: int) -> bool:
@@ -517,6 +517,22 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache
     """One token per row [R] at its position [R] through the model: the next logits [R, V]."""
     return model(input_ids=tokens[:, None], position_ids=positions[:, None], cache=cache, use_cache=True,
                  **mask).logits[:, -1]
+
+
+MIN_ROWS = 4  # a CPU matmul of 1-3 rows takes another kernel, whose rounding differs from the batched one's: a batch
+# that starts with 4 rows never runs fewer, so a row's logits do not depend on what else is in its batch
+# (tests/test_shared_sweep.py); one that starts smaller (batch 1) keeps its size, at its own cost
+
+
+def keep_ballast(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """`keep` (live questions [Q] bool) with finished questions kept, first ones first, until MIN_ROWS rows remain
+    (or every row, when the batch has fewer)."""
+    missing = -(-MIN_ROWS // n) - int(keep.sum())
+    if missing <= 0:
+        return keep
+    kept = keep.clone()
+    kept[(~keep).nonzero().squeeze(-1)[:missing]] = True
+    return kept
 
 
 @torch.inference_mode()
@@ -549,22 +565,6 @@ def decode_n_tokens(lm: LanguageModel, logits: torch.Tensor, live: LiveRows, n: 
             live.positions = live.positions + 1
             stats.steps += 1
             stats.decode_tokens += step_ids.numel()
-
-
-MIN_ROWS = 4  # a CPU matmul of 1-3 rows takes another kernel, whose rounding differs from the batched one's: a batch
-# that starts with 4 rows never runs fewer, so a row's logits do not depend on what else is in its batch
-# (tests/test_shared_sweep.py); one that starts smaller (batch 1) keeps its size, at its own cost
-
-
-def keep_ballast(keep: torch.Tensor, n: int) -> torch.Tensor:
-    """`keep` (live questions [Q] bool) with finished questions kept, first ones first, until MIN_ROWS rows remain
-    (or every row, when the batch has fewer)."""
-    missing = -(-MIN_ROWS // n) - int(keep.sum())
-    if missing <= 0:
-        return keep
-    kept = keep.clone()
-    kept[(~keep).nonzero().squeeze(-1)[:missing]] = True
-    return kept
 
 
 def decode(lm: LanguageModel, rows: list[Row], n: int, choose: Chooser, stop: StopRule,

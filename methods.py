@@ -285,7 +285,8 @@ Weights = dict[str, tuple[list[float], bool]]  # uuid -> (normalised weights, fa
 # agreement and shares
 
 
-def fusion_biases(settings: FusionSettings, batch: list[Record], n: int, weights: Weights | None, device) -> torch.Tensor | None:
+def fusion_biases(settings: FusionSettings, batch: list[Record], n: int, weights: Weights | None,
+                  device) -> torch.Tensor | None:
     """[B, N] score biases of the question's paraphrases (None without a bias); `weights` (uuid ->
     normalised weights, fallback flag) for bias confidence, agreement and shares."""
     if settings.bias == "none":
@@ -356,16 +357,18 @@ def decode_stack(lm: LanguageModel, dataset: Dataset, batch: list[Record], n: in
     rows = [[fused_row(lm.tokenizer, dataset.prompt_parts(r, n, first.fewshot), first.positions),
              *beside_rows(lm, dataset, r, n, first.beside)] for r in batch]
     encoded = stack_encoding(lm, rows, n, first, encodings, stats)
-    encoded = encoded.take(list(range(len(encoded.ids))) * len(stack))
+    per_variant = len(encoded.ids)
+    if len(stack) > 1:  # each variant its own copy of the rows (a stack of one decodes the encoding as it is)
+        encoded = encoded.take(list(range(per_variant)) * len(stack))
     per_question = len(rows[0])
     biases = stack_biases(stack, batch, n, weights, per_question, lm.device)
-    temperatures = [v.temperature for v in stack for _ in range(len(encoded.ids) // len(stack))]
+    temperatures = [v.temperature for v in stack for _ in range(per_variant)] if first.temperature != 1 else None
     masks = []
 
     def renderer(segment_ids: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None
                  ) -> SegmentMask:  # kept: its shares are returned
         masks.append(SegmentMask(segment_ids, max_new_tokens, first, biases, lm.model.dtype, paraphrases=n,
-                                 positions=positions, temperatures=temperatures if first.temperature != 1 else None))
+                                 positions=positions, temperatures=temperatures))
         return masks[-1]
     flat = [row for _ in stack for question in rows for row in question]
     outputs, used = decode(lm, flat, per_question, stack_chooser(stack, chooses, len(batch), per_question, lm.device),
@@ -396,8 +399,9 @@ def stack_encoding(lm: LanguageModel, rows: list[list[Row]], n: int, settings: F
     if not upto:  # nothing of theirs before the cue to encode, so no K/V to widen
         own, upto = width, fused.length
     beside = encode_rows(lm, plain_rows, encoder(lm, plain, n), shared, own, stats, upto=upto)
-    return fused.join(beside.widen(width, fused.length, lm.tokenizer.pad_token_id)).take([i for q in range(len(rows)) for i in (q, *(len(rows) + q * k + j
-                                                                               for j in range(k)))])
+    joined = fused.join(beside.widen(width, fused.length, lm.tokenizer.pad_token_id))
+    q_rows = len(rows)  # joined: the fused rows, then k rows beside for each question; taken question by question
+    return joined.take([i for q in range(q_rows) for i in (q, *(q_rows + q * k + j for j in range(k)))])
 
 
 def encoder(lm: LanguageModel, settings: FusionSettings, n: int) -> Renderer:
